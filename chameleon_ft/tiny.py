@@ -1,0 +1,203 @@
+"""The embedded tiny Chameleon checkpoint, written in exactly the on-disk layout of a real one.
+
+``python -m chameleon_ft.tiny OUT_DIR [--layout grouped|expanded] [--seed N]``
+
+It is a real model directory -- ``config.json`` with ``vocabulary_map`` and ``vq_config``, sharded
+safetensors with an index, ``tokenizer.json`` with Chameleon's special-token names (at ids that
+differ from 7B's), and Meta's ``tokenizer/vqgan.yaml`` + ``vqgan.ckpt`` with encoder and decoder --
+so tests and default recipes exercise the same loading code as a 7B checkpoint. The VQGAN's codebook
+and decoder are fitted to the bundled digit scans so that image tokens carry information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import ChameleonConfig
+
+from chameleon_ft.model.checkpoint import save_state_dict
+from chameleon_ft.model.modeling import ChameleonFTForCausalLM
+from chameleon_ft.model.tokens import NAMES, SIZE_TOKEN_BASE, image_token_name
+
+# Bump when the tiny checkpoint's contents change, so stale caches are rebuilt.
+TINY_VERSION = 3
+MAX_SIZE_TOKENS = 33  # <reserved08800> .. <reserved08832>: sides up to 1024 px
+
+TINY_MODEL = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    model_parallel_size=2,  # 2 groups of 2 heads, so grouping is real
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    swin_norm=False,
+)
+TINY_VQ = dict(
+    embed_dim=32, n_embed=256, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
+    ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[], dropout=0.0, double_z=False,
+)
+IMAGE_SIZE = 64  # 16x downsampling -> 4x4 codes per image
+# Text the tiny BPE is trained on: the bundled recipes' prompts plus plain English.
+_CORPUS = [
+    "What digit is this? Is it even? Is it odd? Is it greater than five? Is it less than five? yes no",
+    "a handwritten digit zero one two three four five six seven eight nine 0 1 2 3 4 5 6 7 8 9",
+    "Describe the image. Write a caption for this image. Answer the question with a single word.",
+    "Generate an image of 64x64 according to the following prompt:\nDraw the digit 7",
+    "The quick brown fox jumps over the lazy dog. A photo of a cat sitting on a table next to a cup.",
+    "There are two people in the picture, and the sky is blue. What color is the car? How many?",
+]
+
+
+def cache_root() -> Path:
+    """Where built artefacts are cached: ``$CHAMELEON_FT_CACHE`` or ``~/.cache/chameleon_ft``."""
+    return Path(os.environ.get("CHAMELEON_FT_CACHE", Path.home() / ".cache" / "chameleon_ft"))
+
+
+def special_token_names() -> list[str]:
+    names = ["<pad>", "<s>", "</s>", "<unk>"]  # order differs from 7B on purpose
+    names += [NAMES[k] for k in ("boi", "eoi", "eot", "image_placeholder", "row_end")]
+    names += [f"<reserved{SIZE_TOKEN_BASE + i:05d}>" for i in range(MAX_SIZE_TOKENS)]
+    return names
+
+
+def build_tokenizer_json(num_codes: int) -> str:
+    """A byte-level BPE ``tokenizer.json`` with Chameleon's special tokens and ``IMGIMG`` codes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = special_token_names()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + 768, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 8, trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    # Image codes live in the BPE vocabulary itself (as in the real one), after the text tokens.
+    start = max(vocab.values()) + 1
+    for code in range(num_codes):
+        vocab[image_token_name(code)] = start + code
+    return json.dumps(data, ensure_ascii=False)
+
+
+def digit_images(size: int = IMAGE_SIZE) -> torch.Tensor:
+    """All bundled digit scans as ``[N, 3, size, size]`` in [-1, 1] (dark ink on white)."""
+    from chameleon_ft.data.digits import render_digit
+    from chameleon_ft.vq.preprocess import pil_to_tensor
+    from sklearn.datasets import load_digits
+
+    scans = load_digits().images
+    return torch.stack([pil_to_tensor(render_digit(s, size)) for s in scans])
+
+
+def _init_lm_weights(model: ChameleonFTForCausalLM, seed: int) -> None:
+    # Fill every tensor from one generator in name order: independent of module init order.
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))  # distinct per group
+            elif name.endswith(("q_norm.bias", "k_norm.bias")):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def build_tiny_checkpoint(out_dir: str | Path, layout: str = "grouped", seed: int = 0) -> Path:
+    """Write the tiny checkpoint to ``out_dir`` in q/k-norm ``layout``; the same seed gives the same model."""
+    from chameleon_ft.vq.vqgan import VQGAN, VQGANConfig, fit_tiny_vqgan, save_meta_vqgan, vq_config_dict, vqgan_hf_state_dict
+
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".build")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "tokenizer").mkdir(parents=True)
+
+    vq_cfg = VQGANConfig(**TINY_VQ)
+    torch.manual_seed(seed)
+    vqgan = VQGAN(vq_cfg)
+    fit_tiny_vqgan(vqgan, digit_images(vq_cfg.resolution), seed=seed, decoder_steps=150, max_seconds=60)
+    save_meta_vqgan(vqgan, work / "tokenizer")
+
+    tok_json = build_tokenizer_json(vq_cfg.n_embed)
+    (work / "tokenizer.json").write_text(tok_json)
+    (work / "tokenizer" / "text_tokenizer.json").write_text(tok_json)
+    vocab = json.loads(tok_json)["model"]["vocab"]
+    (work / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": TINY_MODEL["max_position_embeddings"],
+    }, indent=2))
+    (work / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2))
+
+    config = ChameleonConfig(
+        vocab_size=max(vocab.values()) + 1,
+        vocabulary_map=vocab,
+        vq_config=vq_config_dict(vq_cfg),
+        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+        **TINY_MODEL,
+    )
+    with torch.device("meta"):
+        model = ChameleonFTForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    _init_lm_weights(model, seed)
+    tensors = dict(model.state_dict())
+    tensors.update(vqgan_hf_state_dict(vqgan))
+    # ~1 MB shards: the tiny model is sharded with an index, like a real one.
+    save_state_dict(tensors, config, work / "weights", layout=layout, max_shard_bytes=4 * 2**20)
+    for f in (work / "weights").iterdir():
+        os.replace(f, work / f.name)
+    (work / "weights").rmdir()
+    cfg = json.loads((work / "config.json").read_text())
+    cfg["tiny_checkpoint"] = {"version": TINY_VERSION, "seed": seed, "image_size": IMAGE_SIZE}
+    (work / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(work, out_dir)
+    return out_dir
+
+
+def tiny_checkpoint(layout: str = "grouped", seed: int = 0) -> Path:
+    """Path of the cached tiny checkpoint, built on first use (safe across concurrent processes).
+
+    The expanded layout is converted from the grouped build, so both hold the same model.
+    """
+    from filelock import FileLock
+
+    from chameleon_ft.model.checkpoint import convert_checkpoint
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"tiny-v{TINY_VERSION}-seed{seed}-{layout}"
+    with FileLock(str(path) + ".lock"):
+        if not (path / "config.json").exists():
+            if layout == "grouped":
+                build_tiny_checkpoint(path, layout=layout, seed=seed)
+            else:
+                convert_checkpoint(tiny_checkpoint("grouped", seed), path, layout, max_shard_bytes=4 * 2**20)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m chameleon_ft.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--layout", choices=["grouped", "expanded"], default="grouped")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed)
+    print(f"tiny Chameleon checkpoint ({args.layout} q/k norm) written to {path}")
+
+
+if __name__ == "__main__":
+    main()
