@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark harness at tiny sizes: output format and the agreement checks, no timings."""
+
+import datetime
+import json
+
+import pytest
+
+from benchmarks import BENCHMARKS, checkpoint_load, loss_memory
+from benchmarks.__main__ import build_report, format_table, main
+from benchmarks.common import FIGURE_KEYS, figure, goal_met
+
+TINY_SPEC = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 2, "vocab": 256, "num_codes": 16,
+             "groups": 1, "dtype": "float32", "shard_bytes": 100_000}
+
+
+def test_loss_memory_tiny_agrees_with_plain_cross_entropy():
+    figs = loss_memory.figures([("float32", 1)], vocab=512, hidden=32, seq=64, chunk_size=16)
+    assert len(figs) == 1
+    f = figs[0]
+    assert set(FIGURE_KEYS) <= set(f) and f["unit"] == "GiB" and f["goal"] == loss_memory.GOAL
+    assert f["ratio"] == pytest.approx(f["samples"]["ratios"][0])
+    # Same loss and hidden-state gradient as F.cross_entropy on float32 logits.
+    assert f["check"]["loss_abs_diff"] < 1e-5
+    assert 0 < f["check"]["grad_max_abs"] and f["check"]["grad_max_abs_diff"] <= 1e-4 * f["check"]["grad_max_abs"]
+    assert f["check"]["loss"] == pytest.approx(6.24, abs=0.5)  # ~ln(512) for near-uniform logits
+
+
+def test_checkpoint_load_tiny_both_methods_load_correct_weights(tmp_path):
+    path = tmp_path / "ckpt"
+    figs = checkpoint_load.figures(1, spec=TINY_SPEC, path=path)
+    assert len(list(path.glob("*.safetensors"))) > 1  # sharded like a real checkpoint
+    assert [f["name"] for f in figs] == ["checkpoint_load ours/weights", "checkpoint_load naive/weights",
+                                        "checkpoint_load ours/naive"]
+    weight_bytes = figs[0]["samples"]["weight_bytes"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert weight_bytes == index["metadata"]["total_size"]
+    for f in figs:
+        assert set(FIGURE_KEYS) <= set(f) and f["unit"] == "GiB"
+    assert figs[0]["ratio"] == pytest.approx(figs[0]["ours"] / figs[0]["baseline"])
+    # The cached checkpoint is reused: a second build leaves the files untouched.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    checkpoint_load.build_checkpoint(path, TINY_SPEC)
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == mtimes
+
+
+def test_vocabulary_matches_7b_layout():
+    vocab = checkpoint_load.chameleon_vocab(65_536, 8192)
+    assert len(vocab) == 65_536 and sorted(vocab.values()) == list(range(65_536))
+    assert (vocab["<s>"], vocab["<eoss>"], vocab["<racm3:break>"]) == (0, 8196, 8197)
+    assert (vocab["<reserved08706>"], vocab["<image>"], vocab["<reserved08799>"]) == (8710, 8711, 8803)
+
+
+def test_table_goal_and_report():
+    figs = [figure("a", 1.0, 4.0, goal="<= 0.25", unit="GiB", notes="x"),
+            figure("b", 3.0, 2.0, goal=">= 2", unit="s"), figure("c", 1.0, 2.0)]
+    assert [goal_met(f) for f in figs] == [True, False, None]
+    lines = format_table(figs).splitlines()
+    assert len(lines) == 2 + len(figs)
+    assert lines[0].split("|")[1].strip() == "figure" and set(lines[1]) <= {"|", "-"}
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[:7] == ["a", "1", "4", "GiB", "0.25", "<= 0.25", "yes"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]][6] == "NO"
+    report = build_report(figs, [{"benchmark": "gpu_mfu", "reason": "no CUDA"}], quick=True, seconds=1.0,
+                          started=datetime.datetime.now(datetime.timezone.utc), argv=["--quick"])
+    again = json.loads(json.dumps(report))
+    assert again["command"] == "python -m benchmarks --quick" and again["figures"][0]["ratio"] == 0.25
+
+
+def test_cli_rejects_unknown_benchmark_and_lists(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "loss_memory,nope"])
+    assert e.value.code == 2
+    assert main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == list(BENCHMARKS)
