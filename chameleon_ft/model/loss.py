@@ -47,17 +47,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             z[s : s + chunk_size] = lse.square()
             if grad_h is None and grad_w is None:
                 continue
-            # d/dlogits of (ce + w * lse^2) = softmax * (1 + 2 w lse) - onehot
-            probs = torch.exp(logits - lse[:, None])
+            # d/dlogits of (ce + w * lse^2) = softmax * (1 + 2 w lse) - onehot; computed in the logits
+            # buffer itself so only one chunk-sized float32 buffer is alive (masked ids give exp(-inf) = 0).
+            probs = logits.sub_(lse[:, None]).exp_()
             probs.mul_((1.0 + 2.0 * z_loss_weight * lse)[:, None])
             probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            if masked_ids is not None:
-                probs[:, masked_ids] = 0.0
             g = probs.to(weight.dtype)
             if grad_h is not None:
                 grad_h[s : s + chunk_size] = g @ weight
             if grad_w is not None:
                 grad_w.addmm_(g.t().float(), h.float())
+            del logits, probs, g
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ce_sum, z_sum = ce.sum(), z.sum()

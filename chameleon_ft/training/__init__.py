@@ -1,1 +1,1 @@
-
+"""Training engine: adapters, optimiser, LightningModule, strategies, checkpoints, the run."""

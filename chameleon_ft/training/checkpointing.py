@@ -1,0 +1,124 @@
+"""Periodic, atomic, resumable training checkpoints.
+
+A checkpoint is written under a temporary name (``step-00000010.ckpt.partial``: a file, or under FSDP a
+directory with every rank's shard) and renamed to its final name by rank 0 only after every rank has
+finished writing. A kill at any moment therefore leaves either the complete new checkpoint or none,
+and the previous ones stay usable; :func:`find_resume_checkpoint` never returns a ``.partial``.
+What a checkpoint holds (only the trained tensors when the base is frozen) is decided by
+``ChameleonLitModule.checkpoint_keys``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from weakref import proxy
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+CHECKPOINT_SUBDIR = "checkpoints"
+PARTIAL_SUFFIX = ".partial"
+_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The optimizer step in a checkpoint's name, or None if the name is not a final checkpoint's."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """A final-named checkpoint that is a readable zip file, or a sharded directory with its metadata."""
+    path = Path(path)
+    if checkpoint_step(path) is None:
+        return False
+    if path.is_dir():
+        return (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``ckpt_dir``, oldest step first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if is_complete_checkpoint(p)]
+    return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """The latest complete checkpoint of ``run_dir`` (for ``resume=auto``), or None."""
+    found = list_checkpoints(Path(run_dir) / CHECKPOINT_SUBDIR)
+    return found[-1] if found else None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every ``every_n_steps`` optimizer steps, written atomically, last ``keep_last`` kept."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last: int = 2):
+        super().__init__(
+            dirpath=str(dirpath),
+            filename="step-{step:08d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=int(every_n_steps),
+            save_top_k=-1,
+            save_last=False,
+            enable_version_counter=False,
+        )
+        self.keep_last = int(keep_last)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        final = Path(filepath)
+        tmp = final.with_name(final.name + PARTIAL_SUFFIX)
+        strategy = trainer.strategy
+        if trainer.is_global_zero:
+            _remove(tmp)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        strategy.barrier("checkpoint_start")
+        trainer.save_checkpoint(str(tmp), self.save_weights_only)
+        strategy.barrier("checkpoint_written")
+        if trainer.is_global_zero:
+            _fsync(tmp)
+            if final.exists():  # same step saved again (e.g. after a resume): replace it
+                old = final.with_name(final.name + ".old")
+                _remove(old)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                _remove(old)
+            else:
+                os.replace(tmp, final)
+            self._prune(final.parent)
+        strategy.barrier("checkpoint_renamed")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = str(final)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _prune(self, ckpt_dir: Path) -> None:
+        done = list_checkpoints(ckpt_dir)
+        newest = checkpoint_step(done[-1]) if done else None
+        if self.keep_last > 0:
+            for old in done[: -self.keep_last]:
+                _remove(old)
+        # Leftovers of a save that was killed before the newest complete one.
+        for p in ckpt_dir.glob(f"*{PARTIAL_SUFFIX}"):
+            step = checkpoint_step(p.name[: -len(PARTIAL_SUFFIX)])
+            if newest is not None and step is not None and step < newest:
+                _remove(p)

@@ -1,0 +1,79 @@
+"""Data loaders whose position survives a resume, and the wiring from the data config.
+
+Lightning 2.6 saves ``state_dict()`` of every train loader that has ``state_dict``/``load_state_dict``
+(in the fit loop's checkpoint state) and calls ``load_state_dict`` on resume *before* creating the
+iterator. Lightning itself does not skip consumed batches: a plain loader would replay the epoch from
+its start. The loader's own sampler cannot tell what was consumed (the fetcher and workers prefetch),
+so the position saved is the trainer's count of batches fetched in this epoch, bound with
+:meth:`ResumableDataLoader.bind_progress`; on load the batch sampler continues right after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.utils.data import DataLoader
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a stateful batch sampler (``set_epoch``, ``resume_at``, ``state_dict``)."""
+
+    def bind_progress(self, fn: Callable[[], tuple[int, int]]) -> None:
+        """``fn() -> (epoch, batches consumed in that epoch)``, read when a checkpoint is saved."""
+        self._progress_fn = fn
+
+    def state_dict(self) -> dict:
+        fn = getattr(self, "_progress_fn", None)
+        if fn is None:
+            raise RuntimeError("ResumableDataLoader.state_dict() needs bind_progress() first")
+        epoch, done = fn()
+        return {"epoch": int(epoch), "batches_done": int(done), "sampler": self.batch_sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        sampler = self.batch_sampler
+        saved_seed = state.get("sampler", {}).get("seed")
+        if saved_seed is not None and getattr(sampler, "seed", saved_seed) != saved_seed:
+            raise ValueError(
+                f"resuming with data seed {sampler.seed}, but the checkpoint's data order used seed {saved_seed}"
+            )
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        sampler.set_epoch(epoch)
+        if done >= len(sampler):  # saved on the epoch's last batch: continue with the next epoch
+            epoch, done = epoch + 1, 0
+        sampler.resume_at(epoch, done)
+
+
+def trainer_progress(trainer) -> Callable[[], tuple[int, int]]:
+    """Progress function for :meth:`ResumableDataLoader.bind_progress` reading ``trainer``'s loop counters."""
+
+    def fn() -> tuple[int, int]:
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    return fn
+
+
+def build_dataloaders(cfg, checkpoint_dir: str, *, world_size: int, rank: int, run_dir=None):
+    """Train and validation loaders from ``cfg.data`` through the data contract.
+
+    Uses ``chameleon_ft.data.pipeline.tokenized_split``, ``ConversationCollator`` and
+    ``LengthGroupedBatchSampler`` (each rank takes its share of batches). Returns
+    ``(train_loader, val_loader)``.
+    """
+    from chameleon_ft.data.collator import ConversationCollator
+    from chameleon_ft.data.pipeline import tokenized_split
+    from chameleon_ft.data.sampler import LengthGroupedBatchSampler
+    from chameleon_ft.model.tokens import ChameleonTokens
+
+    data = cfg.data
+    tokens = ChameleonTokens.from_checkpoint(checkpoint_dir)
+    collate = ConversationCollator(pad_id=tokens.pad, max_length=int(data.max_length))
+    loaders = []
+    for split, bs, shuffle in (("train", data.batch_size, True), ("val", data.eval_batch_size, False)):
+        ds = tokenized_split(data, checkpoint_dir, split, run_dir=run_dir)
+        ds = ds.with_format(None, columns=["input_ids", "labels"])
+        lengths = [len(x) for x in ds["input_ids"]]
+        sampler = LengthGroupedBatchSampler(lengths, int(bs), seed=int(cfg.seed), shuffle=shuffle,
+                                            num_replicas=world_size, rank=rank)
+        cls = ResumableDataLoader if split == "train" else DataLoader
+        loaders.append(cls(ds, batch_sampler=sampler, collate_fn=collate, num_workers=0))
+    return tuple(loaders)

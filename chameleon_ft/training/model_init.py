@@ -1,0 +1,211 @@
+"""Build the model to train: load the base, attach adapters, set dtypes, optionally shard.
+
+Two paths, same result:
+- plain (single device / DDP): :func:`chameleon_ft.model.load_model` (meta-init + tensor assignment).
+- sharded (FSDP2): the model is built on the meta device, wrapped (PEFT, image rows), sharded with
+  ``fully_shard``, then materialised with ``to_empty``; every base tensor is then read from the
+  safetensors files one at a time and each rank keeps only its own shard
+  (``distribute_tensor(..., src_data_rank=None)`` slices locally, no communication). No rank ever holds
+  more than one full tensor beside its shards.
+New parameters (LoRA A/B, image-row deltas) are initialised from a generator seeded by ``(seed, name)``
+on the full shape, so both paths and every world size start from identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chameleon_ft.model.checkpoint import (
+    VQ_PREFIX,
+    CheckpointError,
+    iter_tensors,
+    load_config,
+    load_model,
+    tensor_shapes,
+    to_layout,
+)
+from chameleon_ft.model.modeling import ChameleonFTForCausalLM
+from chameleon_ft.training.adapters import (
+    ImageRowsEmbedding,
+    ImageRowsLinear,
+    _causal_lm,
+    apply_peft,
+    base_weight_name,
+    clean_name,
+    zero_image_lm_head_,
+    zero_image_rows_,
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_base_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Dtype of the frozen base: ``auto`` is bf16 on GPU, fp32 on CPU."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"model.dtype={dtype!r}: use auto, float32 or bfloat16")
+    return names[dtype]
+
+
+def _model_overrides(model_cfg) -> dict:
+    return dict(
+        mask_image_logits=model_cfg.mask_image_logits,
+        z_loss_weight=model_cfg.z_loss_weight,
+        dropout=model_cfg.dropout,
+        loss_chunk_size=model_cfg.loss_chunk_size,
+    )
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{clean_name(name)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def new_parameter_value(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """Initial value (fp32, CPU, full shape) of a parameter that is not in the base checkpoint.
+
+    LoRA A: Kaiming-uniform (a=sqrt(5)), PEFT's default; LoRA B and image-row deltas: zeros.
+    """
+    if ".lora_A." in name:
+        gen = torch.Generator().manual_seed(_name_seed(seed, name))
+        bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    if ".lora_B." in name or "image_rows_delta" in name or ".lora_embedding_B" in name:
+        return torch.zeros(shape)
+    raise CheckpointError(f"parameter {name} is neither in the base checkpoint nor a known adapter weight")
+
+
+def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``param``; for a DTensor only this rank's shard is kept."""
+    full = full.to(param.dtype)
+    if hasattr(param, "device_mesh"):  # DTensor (FSDP2)
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full.to(param.device))
+
+
+def _reset_buffers(model: nn.Module, config, device: torch.device) -> None:
+    """Recompute non-persistent buffers (rotary frequencies, image-row indices) after ``to_empty``."""
+    from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
+
+    lm = _causal_lm(model)
+    with torch.device(device):
+        fresh = dict(ChameleonRotaryEmbedding(config=config).named_buffers())
+    for name, buf in lm.model.rotary_emb.named_buffers():
+        buf.copy_(fresh[name])
+    ids = lm.image_token_ids.to(device)
+    for mod in (lm.lm_head, lm.model.embed_tokens):
+        if isinstance(mod, (ImageRowsLinear, ImageRowsEmbedding)):
+            mod.rows.copy_(ids.sort().values)
+        if isinstance(mod, ImageRowsEmbedding):
+            mod.reset_buffers()
+
+
+def init_new_parameters_(model: nn.Module, seed: int) -> None:
+    """Initialise every parameter that has no base-checkpoint source (see :func:`new_parameter_value`)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if base_weight_name(name) is None:
+                _copy_into(p, new_parameter_value(name, p.shape, seed))
+
+
+def set_dtypes_(model: nn.Module, base_dtype: torch.dtype) -> None:
+    """Trainable parameters fp32 (so are their grads and Adam state); frozen ones ``base_dtype``."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            want = torch.float32 if p.requires_grad else base_dtype
+            if p.dtype != want:
+                p.data = p.data.to(want)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (HF's per-layer mechanism).
+
+    The decoder layers are ``GradientCheckpointingLayer``s: their ``__call__`` recomputes through
+    ``nn.Module.__call__``, so FSDP2's per-layer hooks re-gather parameters during recomputation.
+    Parameter names are unchanged (no wrapper module).
+    """
+    _causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_train_model(
+    model_cfg,
+    peft_cfg,
+    path: str | Path,
+    *,
+    device: torch.device,
+    base_dtype: torch.dtype,
+    seed: int,
+    shard_fn: Callable[[nn.Module], nn.Module] | None = None,
+) -> nn.Module:
+    """The model ready to train: adapters attached, dtypes set, new weights seeded, sharded if asked.
+
+    ``shard_fn`` (FSDP2) selects the meta-device path described in the module docstring.
+    """
+    device = torch.device(device)
+    if shard_fn is None:
+        model = load_model(path, dtype=base_dtype, device=device, attn_implementation=model_cfg.attn_implementation,
+                           **_model_overrides(model_cfg))
+        if model_cfg.zero_image_lm_head:
+            zero_image_lm_head_(model)
+        model = apply_peft(model, peft_cfg)
+        set_dtypes_(model, base_dtype)
+        model.to(device)
+        init_new_parameters_(model, seed)
+        if model_cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+
+    path = Path(path)
+    config = load_config(path, **_model_overrides(model_cfg))
+    config._attn_implementation = model_cfg.attn_implementation
+    with torch.device("meta"):
+        model = ChameleonFTForCausalLM(config)
+    expected = model.state_dict()
+    shapes = {k: v for k, v in tensor_shapes(path).items() if not k.startswith(VQ_PREFIX)}
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}")
+    model.checkpoint_dir = str(path)
+    image_ids = model.image_token_ids
+    model = apply_peft(model, peft_cfg)
+    set_dtypes_(model, base_dtype)
+    if model_cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model = shard_fn(model)
+    model.to_empty(device=device)
+    # Which parameters load which checkpoint tensor (PEFT's modules_to_save copies share one).
+    targets: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        key = base_weight_name(name)
+        if key is not None:
+            targets.setdefault(key, []).append(p)
+    unknown = sorted(set(targets) - set(shapes))
+    if unknown:
+        raise CheckpointError(f"{path}: model parameters {unknown[:5]} have no tensor in the checkpoint")
+    with torch.no_grad():
+        for key, full in iter_tensors(path, sorted(targets)):
+            full = to_layout(key, full, config, "grouped")
+            if model_cfg.zero_image_lm_head and key == "lm_head.weight":
+                zero_image_rows_(full, image_ids)
+            for p in targets[key]:
+                if tuple(p.shape) != tuple(full.shape):
+                    raise CheckpointError(f"{path}: {key} has shape {list(full.shape)}, expected {list(p.shape)}")
+                _copy_into(p, full)
+            del full
+        _reset_buffers(model, config, device)
+    init_new_parameters_(model, seed)
+    return model

@@ -1,0 +1,218 @@
+"""The LightningModule: loss normalised over the global optimizer-step window, metrics, checkpoint contents.
+
+Loss normalisation. The model returns sums over this micro-batch's target tokens. ``training_step``
+returns ``loss_sum * world_size * accumulate_grad_batches``; Lightning divides it by
+``accumulate_grad_batches`` and DDP/FSDP average gradients over ranks, so after the last micro-batch
+each gradient is the plain sum of ``d loss_sum`` over every token of the step on every rank. In
+``on_before_optimizer_step`` the token count of the whole window (all micro-batches, all-reduced over
+ranks) is known, and the gradients are divided by it before clipping. The result is the gradient of
+the token-mean loss of the global batch, independent of data-parallel size and accumulation (also for
+a shorter last window of an epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from chameleon_ft.model.modeling import ft_option
+from chameleon_ft.training.adapters import _causal_lm, clean_name
+from chameleon_ft.training.model_init import build_train_model, resolve_base_dtype
+from chameleon_ft.training.optim import build_optimizer
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+Evaluator = Callable[["ChameleonLitModule"], dict]
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _scalar(t) -> float:
+    full = getattr(t, "full_tensor", None)
+    return float((full() if callable(full) else t).detach().float().cpu())
+
+
+class ChameleonLitModule(L.LightningModule):
+    """Fine-tunes a Chameleon checkpoint; the model is built in :meth:`configure_model`.
+
+    ``cfg`` needs the ``model``, ``peft``, ``optim`` groups and ``seed``. ``evaluators`` are callables
+    ``fn(module) -> {metric: value}`` run at the end of every validation (VQA accuracy, ...); their
+    metrics are logged as returned (name them ``val/...``).
+    """
+
+    def __init__(self, cfg: DictConfig, model_path: str | Path, evaluators: list[Evaluator] | None = None):
+        super().__init__()
+        self.cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg
+        self.model_path = str(model_path)
+        self.model: torch.nn.Module | None = None
+        self.evaluators: list[Evaluator] = list(evaluators or [])
+        self.last_val_metrics: dict[str, float] = {}
+        # Sums over the current optimizer-step window: loss_sum, ce_sum, z_sum, target tokens, input tokens.
+        self._window = torch.zeros(5, dtype=torch.float64)
+        self._val = torch.zeros(3, dtype=torch.float64)  # ce_sum, z_sum, target tokens
+        self._step_time: float | None = None
+        # Frozen base weights are not in LoRA checkpoints; checkpoint_keys() says what must be there.
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------------------
+    # Model
+    # ----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from chameleon_ft.training.strategy import FSDP2Strategy, shard_model
+
+        strategy = self.trainer.strategy
+        device = strategy.root_device
+        shard_fn = None
+        if isinstance(strategy, FSDP2Strategy):
+            mesh = strategy.device_mesh["data_parallel"]
+
+            def shard_fn(m):
+                return shard_model(m, mesh, mixed_precision=device.type == "cuda")
+
+        model = build_train_model(
+            self.cfg.model, self.cfg.peft, self.model_path, device=device,
+            base_dtype=resolve_base_dtype(self.cfg.model.dtype, device), seed=int(self.cfg.seed), shard_fn=shard_fn,
+        )
+        # load_model returns eval mode; Lightning switches modes only around validation.
+        self.model = model.train(self.training)
+
+    @property
+    def causal_lm(self):
+        """The unwrapped ``ChameleonFTForCausalLM``."""
+        return _causal_lm(self.model)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def checkpoint_keys(self) -> set[str] | None:
+        """State-dict keys a checkpoint must hold: the trainable ones, or None (= all) if all train."""
+        params = list(self.named_parameters())
+        if all(p.requires_grad for _, p in params):
+            return None
+        return {clean_name(n) for n, p in params if p.requires_grad}
+
+    def forward(self, **batch):
+        return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+
+    # ----------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        out = self(**batch)
+        s = out.loss_sums
+        dev = self._window.device
+        tokens_in = batch["attention_mask"].sum() if batch.get("attention_mask") is not None and batch["attention_mask"].dim() == 2 \
+            else torch.tensor(batch["input_ids"].numel())
+        self._window += torch.stack([
+            s.loss_sum.detach().double().to(dev), s.ce_sum.double().to(dev), s.z_sum.double().to(dev),
+            s.n_tokens.double().to(dev), tokens_in.double().to(dev),
+        ])
+        scale = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return s.loss_sum * scale
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        window = _all_reduce_sum(self._window.to(self._reduce_device()))
+        self._window = torch.zeros_like(self._window)
+        loss_sum, ce_sum, z_sum, n, tokens_in = window.tolist()
+        n_div = max(n, 1.0)
+        params = self.trainable_parameters()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(n_div)
+        clip = float(self.cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip if clip > 0 else float("inf"))
+        now = time.perf_counter()
+        metrics = {
+            "train/loss": loss_sum / n_div,
+            "train/ce": ce_sum / n_div,
+            "train/z_loss": z_sum / n_div,
+            "train/grad_norm": _scalar(norm),
+            "train/lr": float(optimizer.param_groups[0]["lr"]),
+            "train/target_tokens": n,
+        }
+        if self._step_time is not None:
+            metrics["train/tokens_per_s"] = tokens_in / max(now - self._step_time, 1e-9)
+        self._step_time = now
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
+        self.log("loss", metrics["train/loss"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
+
+    def _reduce_device(self) -> torch.device:
+        # gloo reduces CPU tensors, nccl CUDA ones.
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def configure_optimizers(self):
+        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
+            else int(self.trainer.estimated_stepping_batches)
+        return build_optimizer(self.model, self.cfg.optim, total_steps=max(total, 1))
+
+    # ----------------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = torch.zeros(3, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx):
+        s = self(**batch).loss_sums
+        self._val += torch.stack([s.ce_sum.double().cpu(), s.z_sum.double().cpu(), s.n_tokens.double().cpu()])
+
+    def on_validation_epoch_end(self) -> None:
+        ce_sum, z_sum, n = _all_reduce_sum(self._val.to(self._reduce_device())).tolist()
+        n_div = max(n, 1.0)
+        zw = float(ft_option(self.causal_lm.config, "z_loss_weight"))
+        metrics = {
+            "val/loss": (ce_sum + zw * z_sum) / n_div,
+            "val/z_loss": z_sum / n_div,
+            "val/ppl": math.exp(min(ce_sum / n_div, 50.0)),
+        }
+        for fn in self.evaluators:
+            metrics.update({k: float(v) for k, v in fn(self).items()})
+        self.log_dict(metrics, sync_dist=False)
+        self.last_val_metrics = dict(metrics)
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoint contents
+    # ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = self.checkpoint_keys()
+        if keys is not None and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, rng)
+            checkpoint["rng_states"] = every
+        else:
+            checkpoint["rng_states"] = [rng]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        keys = self.checkpoint_keys()
+        if keys is not None and "state_dict" in checkpoint:
+            missing = sorted(keys - set(checkpoint["state_dict"]))
+            if missing:
+                raise KeyError(f"checkpoint lacks trained tensors {missing[:5]} (was it made with another peft config?)")
+        states = checkpoint.get("rng_states")
+        if states:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            rng = states[rank] if rank < len(states) else states[0]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,144 @@
+"""Distribution strategies: single device, DDP, and FSDP2 via Lightning's ``ModelParallelStrategy``.
+
+FSDP2: ``fully_shard`` on every decoder layer, then on the root (embeddings, final norm, ``lm_head``
+and the fused loss run inside the root's forward, where its parameters are gathered). On GPU the
+compute dtype is bf16 and gradients are reduced in fp32. Checkpoints are sharded directories
+(``torch.distributed.checkpoint``) holding only what trains when something is frozen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
+from torch import nn
+
+STRATEGIES = ("auto", "single", "ddp", "fsdp")
+_METADATA = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint directory
+
+
+class StrategyConfigError(ValueError):
+    """The ``strategy`` config cannot be honoured on this machine."""
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a (PEFT-wrapped) Chameleon model."""
+    from chameleon_ft.training.adapters import _causal_lm
+
+    return list(_causal_lm(model).model.layers)
+
+
+def shard_model(model: nn.Module, mesh, *, mixed_precision: bool) -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` to each decoder layer, then to the root ``model``.
+
+    ``mixed_precision``: gather parameters in bf16 and reduce gradients in fp32 (GPU). Works on meta
+    tensors, so it can run before the weights are materialised.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` (data parallel only) whose checkpoints hold only the trained tensors.
+
+    Lightning's own loader asks the checkpoint for the full model state and fails when the frozen base
+    was left out; here the module's :meth:`checkpoint_keys` decides what is saved and loaded. Every
+    rank writes and reads its own shard (``torch.distributed.checkpoint``).
+    """
+
+    def setup_environment(self) -> None:
+        # Lightning's "auto" data-parallel size is the number of nodes; ours is every process.
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_processes * self.num_nodes
+        super().setup_environment()
+
+    def _keys(self) -> set[str] | None:
+        fn = getattr(self.lightning_module, "checkpoint_keys", None)
+        return fn() if callable(fn) else None
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = super().lightning_module_state_dict()
+        keys = self._keys()
+        return state if keys is None else {k: v for k, v in state.items() if k in keys}
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path.is_dir() and (path / _METADATA).is_file()):
+            raise FileNotFoundError(f"{path}: not a complete sharded checkpoint (no {_METADATA})")
+        module = self.model
+        keys = self._keys()
+        state = get_model_state_dict(module)
+        if keys is not None:
+            absent = keys - set(state)
+            if absent:
+                raise KeyError(f"{path}: model has no parameters {sorted(absent)[:5]}")
+            state = {k: v for k, v in state.items() if k in keys}
+        load({"state_dict": state}, checkpoint_id=path)
+        set_model_state_dict(module, state, options=StateDictOptions(strict=False))
+        for i, opt in enumerate(self.optimizers):
+            osd = {f"optimizer_{i}": get_optimizer_state_dict(module, opt)}
+            load(osd, checkpoint_id=path)
+            set_optimizer_state_dict(module, opt, optim_state_dict=osd[f"optimizer_{i}"])
+        return torch.load(path / _METADATA, weights_only=True if weights_only is None else weights_only)
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        pass  # loaded in load_checkpoint
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        pass  # loaded in load_checkpoint
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """``auto`` -> ``gpu`` when CUDA is available, else ``cpu``."""
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
+def build_strategy(strategy_cfg, model_cfg, accelerator: str, devices: Any = "auto") -> Strategy | str:
+    """Lightning strategy for ``strategy_cfg.name`` (auto | single | ddp | fsdp).
+
+    ``fsdp`` is :class:`FSDP2Strategy` with ``data_parallel_size`` = the number of processes
+    (``auto``: all of them) and tensor parallel size 1; gloo on CPU, nccl on GPU unless
+    ``process_group_backend`` says otherwise. ``model_cfg`` is accepted for strategy choices that
+    depend on the model (activation checkpointing is applied when the model is built).
+    """
+    name = str(strategy_cfg.name)
+    if name not in STRATEGIES:
+        raise StrategyConfigError(f"strategy.name={name!r}: unknown; use one of {STRATEGIES}")
+    accelerator = resolve_accelerator(accelerator)
+    backend = strategy_cfg.process_group_backend or ("gloo" if accelerator == "cpu" else "nccl")
+    if name == "auto":
+        return "auto"
+    if name == "single":
+        dev = torch.device("cuda", 0) if accelerator == "gpu" else torch.device("cpu")
+        return SingleDeviceStrategy(device=dev)
+    if name == "ddp":
+        return DDPStrategy(process_group_backend=backend)
+    dp = strategy_cfg.data_parallel_size
+    return FSDP2Strategy(
+        data_parallel_size="auto" if dp in (None, "auto") else int(dp),
+        tensor_parallel_size=1,
+        process_group_backend=backend,
+        save_distributed_checkpoint=True,
+    )

@@ -1,0 +1,220 @@
+"""One training run end to end: config -> model, data, trainer -> fit -> validate -> export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from chameleon_ft.training.checkpointing import CHECKPOINT_SUBDIR, AtomicCheckpoint, find_resume_checkpoint
+from chameleon_ft.training.dataloading import ResumableDataLoader, build_dataloaders, trainer_progress
+from chameleon_ft.training.module import ChameleonLitModule
+from chameleon_ft.training.strategy import build_strategy, resolve_accelerator
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+IMAGE_ROWS_FILE = "image_rows.safetensors"
+FULL_MODEL_DIR = "model"
+METRICS_FILE = "metrics.json"
+
+# (cfg, checkpoint_dir, world_size=, rank=, run_dir=) -> (train_loader, val_loader)
+LoaderFactory = Callable[..., tuple]
+
+
+class TrainConfigError(ValueError):
+    """The run's config is inconsistent (no model path, bad resume, ...)."""
+
+
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    """``run_dir`` if given, else Hydra's output directory of the current run."""
+    if run_dir is not None:
+        return Path(run_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError as e:
+        raise TrainConfigError("train(cfg) outside Hydra needs a run_dir") from e
+
+
+def resolve_model_path(model_cfg) -> str:
+    """The base checkpoint directory; ``None`` means the embedded tiny checkpoint (built on first use)."""
+    if model_cfg.path is None:
+        from chameleon_ft.tiny import tiny_checkpoint
+
+        return str(tiny_checkpoint(model_cfg.tiny_layout))
+    path = Path(str(model_cfg.path)).expanduser()
+    if not (path / "config.json").is_file():
+        raise TrainConfigError(f"model.path={model_cfg.path}: no config.json there; point it at a local checkpoint directory")
+    return str(path)
+
+
+def resolve_resume(resume: str, run_dir: Path) -> str | None:
+    """``none`` -> None, ``auto`` -> latest complete checkpoint of ``run_dir`` (or None), else the path."""
+    if resume in (None, "none", ""):
+        return None
+    if resume == "auto":
+        found = find_resume_checkpoint(run_dir)
+        return str(found) if found else None
+    if not Path(resume).exists():
+        raise TrainConfigError(f"resume={resume}: no such checkpoint")
+    return str(resume)
+
+
+def resolve_precision(trainer_cfg, accelerator: str) -> str:
+    """Lightning precision. Frozen weights are stored in ``model.dtype`` and trainable ones in fp32 by
+    the model builder, so ``*-true`` (which would cast trainable weights) becomes the matching ``*-mixed``."""
+    p = trainer_cfg.precision
+    if p is None:
+        return "bf16-mixed" if accelerator == "gpu" else "32-true"
+    p = str(p)
+    if p in ("bf16-true", "16-true"):
+        log.info("trainer.precision=%s would cast trainable weights; using %s-mixed with a %s frozen base",
+                 p, p.split("-")[0], p.split("-")[0])
+        return p.replace("-true", "-mixed")
+    return p
+
+
+def build_loggers(logger_cfg, run_dir: Path) -> list:
+    """TensorBoard and CSV under ``run_dir`` (and W&B if selected)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    if logger_cfg.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    if logger_cfg.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    if logger_cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as e:
+            raise TrainConfigError("logger.wandb=true but wandb is not installed (pip install chameleon-ft[wandb])") from e
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=logger_cfg.wandb_project, save_dir=str(run_dir)))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
+    """``L.Trainer`` from ``cfg.trainer`` / ``cfg.strategy`` / ``cfg.checkpoint`` / ``cfg.logger``."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    t = cfg.trainer
+    accelerator = resolve_accelerator(str(t.accelerator))
+    callbacks = list(callbacks or [])
+    callbacks.append(AtomicCheckpoint(run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last))
+    if t.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    optional = {k: t[k] for k in ("max_epochs", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches")
+                if t.get(k) is not None}
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg.strategy, cfg.model, accelerator, t.devices),
+        precision=resolve_precision(t, accelerator),
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        deterministic=t.deterministic,
+        logger=build_loggers(cfg.logger, run_dir),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,  # our batch samplers shard by rank and keep their position
+        enable_checkpointing=True,
+        **optional,
+    )
+
+
+def _full_state_dict(module: ChameleonLitModule) -> dict[str, torch.Tensor]:
+    """Every rank's shards gathered into full CPU tensors (collective under FSDP; full on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_adapter(module: ChameleonLitModule, run_dir: Path, *, is_global_zero: bool) -> dict[str, str]:
+    """Write what was trained to ``run_dir``: ``adapter/`` (PEFT format) and/or the image rows, or ``model/``.
+
+    Collective under FSDP: call on every rank. Returns the written paths by kind.
+    """
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from chameleon_ft.model.checkpoint import save_state_dict
+    from chameleon_ft.training.adapters import image_row_deltas, merge_image_row_deltas
+
+    model = module.model
+    trainable = module.checkpoint_keys()
+    full = _full_state_dict(module)  # collective: every rank takes part
+    deltas = image_row_deltas(model)  # collective under FSDP (full_tensor)
+    out: dict[str, str] = {}
+    if not is_global_zero:
+        return out
+    adapter_dir = run_dir / ADAPTER_DIR
+    if isinstance(model, PeftModel):
+        lora_only = {k: v for k, v in full.items() if "image_rows_delta" not in k}
+        model.save_pretrained(str(adapter_dir), state_dict=lora_only)
+        out["adapter"] = str(adapter_dir)
+    if deltas:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in deltas.items()}, str(adapter_dir / IMAGE_ROWS_FILE),
+                  metadata={"format": "pt", "kind": "chameleon_ft.image_rows"})
+        out["image_rows"] = str(adapter_dir / IMAGE_ROWS_FILE)
+    if trainable is None:  # full fine-tuning: the whole model, stock layout
+        lm = module.causal_lm
+        state = {k: v for k, v in full.items()}
+        state = merge_image_row_deltas(state, deltas) if deltas else state
+        save_state_dict(state, lm.config, run_dir / FULL_MODEL_DIR, source_dir=getattr(lm, "checkpoint_dir", None))
+        out["model"] = str(run_dir / FULL_MODEL_DIR)
+    return out
+
+
+def _json_safe(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None) for k, v in metrics.items()}
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory: LoaderFactory | None = None,
+          evaluators: list | None = None, callbacks: list | None = None) -> dict:
+    """Run the experiment ``cfg``; returns the final validation metrics (keys as logged, e.g. ``val/loss``).
+
+    ``run_dir``: where config, logs, checkpoints, adapter and ``metrics.json`` go (default: Hydra's
+    output dir). ``loader_factory`` replaces :func:`build_dataloaders` (same signature); ``evaluators``
+    go to :attr:`ChameleonLitModule.evaluators`; ``callbacks`` are extra Lightning callbacks.
+    """
+    run_dir = resolve_run_dir(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    model_path = resolve_model_path(cfg.model)
+    cfg.model.path = model_path
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+
+    module = ChameleonLitModule(cfg, model_path, evaluators=evaluators)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    factory = loader_factory or build_dataloaders
+    train_loader, val_loader = factory(cfg, model_path, world_size=trainer.world_size, rank=trainer.global_rank,
+                                       run_dir=run_dir)
+    if isinstance(train_loader, ResumableDataLoader):
+        train_loader.bind_progress(trainer_progress(trainer))
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    trainer.validate(module, dataloaders=val_loader, verbose=False)
+    metrics = dict(module.last_val_metrics)
+    exported = export_adapter(module, run_dir, is_global_zero=trainer.is_global_zero)
+    if trainer.is_global_zero:
+        (run_dir / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
+        for kind, path in exported.items():
+            print(f"{kind} written to {path}")
+        print(f"metrics written to {run_dir / METRICS_FILE}")
+    return metrics

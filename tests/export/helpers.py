@@ -1,0 +1,44 @@
+"""Small random checkpoints and LoRA-wrapped models for export / generation tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from chameleon_ft.model.checkpoint import save_state_dict
+from chameleon_ft.model.modeling import ChameleonFTForCausalLM
+from tests.model.helpers import randomize_, small_config
+
+# Training's anchored regex form of target_modules; the export must turn it into plain names.
+TRAINING_TARGETS = r"(?:.*\.)?layers\.\d+\.(?:[^.]+\.)*(?:o_proj|q_proj|up_proj|v_proj)"
+
+
+def write_small_checkpoint(out_dir: Path, layout: str = "expanded", seed: int = 0) -> Path:
+    """A random small Chameleon (2 q/k-norm groups of 2 heads, distinct groups) saved in ``layout``."""
+    cfg = small_config()
+    model = randomize_(ChameleonFTForCausalLM(cfg), seed=seed)
+    return save_state_dict(model.state_dict(), cfg, out_dir, layout=layout)
+
+
+def randomize_lora_(model, seed: int = 1, scale: float = 0.05):
+    """LoRA B starts at zero (adapter = no-op); make every LoRA weight random so the adapter matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def lora_model(base: ChameleonFTForCausalLM, r: int = 4, alpha: int = 8, seed: int = 1, **kw):
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TRAINING_TARGETS,
+                     task_type="CAUSAL_LM", **kw)
+    return randomize_lora_(get_peft_model(base, cfg), seed=seed).eval()
+
+
+def random_ids(config, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    """Random ids over the whole vocabulary (image tokens included, so image-row deltas show)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(config.vocab_size, (batch, length), generator=gen)
