@@ -9,8 +9,6 @@ is added to the frozen matrix at the image-token rows. The export is the rows on
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -69,9 +69,12 @@ def _fsync(path: Path) -> None:
 
 
 class AtomicCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` every ``every_n_steps`` optimizer steps, written atomically, last ``keep_last`` kept."""
+    """``ModelCheckpoint`` every ``every_n_steps`` optimizer steps, written atomically, last ``keep_last`` kept.
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last: int = 2):
+    ``on_saved(trainer, module)`` runs on every rank after each complete checkpoint.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last: int = 2, on_saved=None):
         super().__init__(
             dirpath=str(dirpath),
             filename="step-{step:08d}",
@@ -82,6 +85,8 @@ class AtomicCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.keep_last = int(keep_last)
+        # Called on every rank after each complete save (e.g. exporting the adapter; may be collective).
+        self.on_saved = on_saved
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         final = Path(filepath)
@@ -105,6 +110,8 @@ class AtomicCheckpoint(ModelCheckpoint):
                 os.replace(tmp, final)
             self._prune(final.parent)
         strategy.barrier("checkpoint_renamed")
+        if self.on_saved is not None:
+            self.on_saved(trainer, trainer.lightning_module)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = str(final)
         if trainer.is_global_zero:

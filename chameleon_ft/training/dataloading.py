@@ -6,21 +6,48 @@ iterator. Lightning itself does not skip consumed batches: a plain loader would 
 its start. The loader's own sampler cannot tell what was consumed (the fetcher and workers prefetch),
 so the position saved is the trainer's count of batches fetched in this epoch, bound with
 :meth:`ResumableDataLoader.bind_progress`; on load the batch sampler continues right after it.
+
+Epochs: Lightning calls ``set_epoch`` on ``loader.sampler`` but never on a batch sampler, and it stops
+a sized loader after ``len`` batches without exhausting it, so a batch sampler that advances its epoch
+at the end of its own iteration never does. The loader therefore sets the batch sampler's epoch from
+the trainer each time a new epoch's iterator is created.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch.utils.data import DataLoader
 
 
+def private_generator(seed: int = 0) -> torch.Generator:
+    """A generator for a ``DataLoader``: without one, every ``iter(loader)`` draws from the global RNG,
+    so a resumed run (one extra iterator after the RNG restore) would drift from an uninterrupted one."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over a stateful batch sampler (``set_epoch``, ``resume_at``, ``state_dict``)."""
+    """A ``DataLoader`` over a stateful batch sampler (``set_epoch``, ``resume_at``, ``state_dict``).
+
+    It never draws from the global RNG (a private ``generator`` is used unless one is given).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("generator", private_generator(0))
+        super().__init__(*args, **kwargs)
 
     def bind_progress(self, fn: Callable[[], tuple[int, int]]) -> None:
         """``fn() -> (epoch, batches consumed in that epoch)``, read when a checkpoint is saved."""
         self._progress_fn = fn
+
+    def __iter__(self):
+        fn = getattr(self, "_progress_fn", None)
+        if getattr(self, "_resumed", False):
+            self._resumed = False  # load_state_dict already placed the sampler
+        elif fn is not None:
+            self.batch_sampler.set_epoch(fn()[0])
+        return super().__iter__()
 
     def state_dict(self) -> dict:
         fn = getattr(self, "_progress_fn", None)
@@ -41,6 +68,7 @@ class ResumableDataLoader(DataLoader):
         if done >= len(sampler):  # saved on the epoch's last batch: continue with the next epoch
             epoch, done = epoch + 1, 0
         sampler.resume_at(epoch, done)
+        self._resumed = True
 
 
 def trainer_progress(trainer) -> Callable[[], tuple[int, int]]:
@@ -75,5 +103,6 @@ def build_dataloaders(cfg, checkpoint_dir: str, *, world_size: int, rank: int, r
         sampler = LengthGroupedBatchSampler(lengths, int(bs), seed=int(cfg.seed), shuffle=shuffle,
                                             num_replicas=world_size, rank=rank)
         cls = ResumableDataLoader if split == "train" else DataLoader
-        loaders.append(cls(ds, batch_sampler=sampler, collate_fn=collate, num_workers=0))
+        loaders.append(cls(ds, batch_sampler=sampler, collate_fn=collate, num_workers=0,
+                           generator=private_generator(int(cfg.seed))))
     return tuple(loaders)

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -78,9 +79,7 @@ class ChameleonLitModule(L.LightningModule):
         shard_fn = None
         if isinstance(strategy, FSDP2Strategy):
             mesh = strategy.device_mesh["data_parallel"]
-
-            def shard_fn(m):
-                return shard_model(m, mesh, mixed_precision=device.type == "cuda")
+            shard_fn = partial(shard_model, mesh=mesh, mixed_precision=device.type == "cuda")
 
         model = build_train_model(
             self.cfg.model, self.cfg.peft, self.model_path, device=device,
@@ -114,8 +113,9 @@ class ChameleonLitModule(L.LightningModule):
         out = self(**batch)
         s = out.loss_sums
         dev = self._window.device
-        tokens_in = batch["attention_mask"].sum() if batch.get("attention_mask") is not None and batch["attention_mask"].dim() == 2 \
-            else torch.tensor(batch["input_ids"].numel())
+        mask = batch.get("attention_mask")
+        # Real (non-padding) input tokens; a 4D packing mask means rows are full.
+        tokens_in = mask.sum() if mask is not None and mask.dim() == 2 else torch.tensor(batch["input_ids"].numel())
         self._window += torch.stack([
             s.loss_sum.detach().double().to(dev), s.ce_sum.double().to(dev), s.z_sum.double().to(dev),
             s.n_tokens.double().to(dev), tokens_in.double().to(dev),
@@ -184,6 +184,15 @@ class ChameleonLitModule(L.LightningModule):
             metrics.update({k: float(v) for k, v in fn(self).items()})
         self.log_dict(metrics, sync_dist=False)
         self.last_val_metrics = dict(metrics)
+        self.reshard()
+
+    def reshard(self) -> None:
+        """Free gathered FSDP2 parameters (forward-only passes leave the root and last layer gathered)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     # ----------------------------------------------------------------------------------------
     # Checkpoint contents

@@ -6,10 +6,12 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_ft.training.checkpointing import CHECKPOINT_SUBDIR, AtomicCheckpoint, find_resume_checkpoint
@@ -92,14 +94,18 @@ def build_loggers(logger_cfg, run_dir: Path) -> list:
     if logger_cfg.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if logger_cfg.wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            raise TrainConfigError("logger.wandb=true but wandb is not installed (pip install chameleon-ft[wandb])") from e
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise TrainConfigError("logger.wandb=true but wandb is not installed (pip install chameleon-ft[wandb])")
         from lightning.pytorch.loggers import WandbLogger
 
         loggers.append(WandbLogger(project=logger_cfg.wandb_project, save_dir=str(run_dir)))
     return loggers
+
+
+def _export_on_save(run_dir: Path, trainer, module) -> None:
+    export_adapter(module, run_dir, is_global_zero=trainer.is_global_zero)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
@@ -109,7 +115,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None)
     t = cfg.trainer
     accelerator = resolve_accelerator(str(t.accelerator))
     callbacks = list(callbacks or [])
-    callbacks.append(AtomicCheckpoint(run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last))
+    on_saved = None
+    if cfg.checkpoint.get("export_adapter_each", False):
+        on_saved = partial(_export_on_save, run_dir)
+    callbacks.append(AtomicCheckpoint(run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint.every_n_steps,
+                                      cfg.checkpoint.keep_last, on_saved=on_saved))
     if t.enable_progress_bar:
         callbacks.append(RichProgressBar())
     optional = {k: t[k] for k in ("max_epochs", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches")
@@ -179,6 +189,20 @@ def export_adapter(module: ChameleonLitModule, run_dir: Path, *, is_global_zero:
     return out
 
 
+def keep_previous_csv(run_dir: Path) -> Path | None:
+    """Before a resume: move ``csv/metrics.csv`` to ``csv/metrics.partN.csv`` (Lightning's CSV logger
+    deletes an existing file when it starts). Returns the new name, or None if there was none."""
+    current = run_dir / "csv" / "metrics.csv"
+    if not current.is_file():
+        return None
+    k = 1
+    while (run_dir / "csv" / f"metrics.part{k}.csv").exists():
+        k += 1
+    target = run_dir / "csv" / f"metrics.part{k}.csv"
+    current.rename(target)
+    return target
+
+
 def _json_safe(metrics: dict) -> dict:
     return {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
@@ -199,6 +223,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     cfg.model.path = model_path
     ckpt_path = resolve_resume(cfg.resume, run_dir)
 
+    if ckpt_path is not None and rank_zero_only.rank == 0:
+        keep_previous_csv(run_dir)
     module = ChameleonLitModule(cfg, model_path, evaluators=evaluators)
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:

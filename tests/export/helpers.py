@@ -15,11 +15,35 @@ from tests.model.helpers import randomize_, small_config
 TRAINING_TARGETS = r"(?:.*\.)?layers\.\d+\.(?:[^.]+\.)*(?:o_proj|q_proj|up_proj|v_proj)"
 
 
-def write_small_checkpoint(out_dir: Path, layout: str = "expanded", seed: int = 0) -> Path:
-    """A random small Chameleon (2 q/k-norm groups of 2 heads, distinct groups) saved in ``layout``."""
+def small_config_with_unk():
+    """``small_config`` plus an ``<unk>`` token, so a word-level tokenizer can encode any text."""
     cfg = small_config()
+    vocab = dict(cfg.vocabulary_map)
+    vocab["<unk>"] = len(vocab)
+    cfg.vocabulary_map = vocab
+    cfg.vocab_size = len(vocab)
+    return cfg
+
+
+def write_word_tokenizer(out_dir: Path, vocab: dict[str, int]) -> None:
+    """A whitespace word-level ``tokenizer.json`` over ``vocab`` (unknown words -> ``<unk>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens([n for n in vocab if n.startswith("<")])
+    tok.save(str(out_dir / "tokenizer.json"))
+
+
+def write_small_checkpoint(out_dir: Path, layout: str = "expanded", seed: int = 0) -> Path:
+    """A random small Chameleon (2 q/k-norm groups of 2 heads, distinct groups) saved in ``layout``,
+    with a word-level tokenizer over its vocabulary (``t0`` .. ``t39`` are the text words)."""
+    cfg = small_config_with_unk()
     model = randomize_(ChameleonFTForCausalLM(cfg), seed=seed)
-    return save_state_dict(model.state_dict(), cfg, out_dir, layout=layout)
+    out = save_state_dict(model.state_dict(), cfg, out_dir, layout=layout)
+    write_word_tokenizer(out, cfg.vocabulary_map)
+    return out
 
 
 def randomize_lora_(model, seed: int = 1, scale: float = 0.05):

@@ -12,7 +12,7 @@ from chameleon_ft.data.sampler import LengthGroupedBatchSampler
 from chameleon_ft.model.checkpoint import save_state_dict
 from chameleon_ft.model.modeling import ChameleonFTForCausalLM
 from chameleon_ft.model.tokens import ChameleonTokens
-from chameleon_ft.training.dataloading import ResumableDataLoader
+from chameleon_ft.training.dataloading import ResumableDataLoader, private_generator
 from tests.model.helpers import randomize_, small_config
 
 
@@ -130,6 +130,6 @@ def loader_factory(n_train: int = 48, n_val: int = 8, global_batch: int = 8, sam
         vbs._batches = lambda v=vbs: [list(range(s, s + 4))[v.rank * (4 // v.num_replicas):(v.rank + 1) * (4 // v.num_replicas)]
                                       for s in range(0, n_val, 4)]
         return (ResumableDataLoader(train, batch_sampler=bs, collate_fn=collate),
-                torch.utils.data.DataLoader(val, batch_sampler=vbs, collate_fn=collate))
+                torch.utils.data.DataLoader(val, batch_sampler=vbs, collate_fn=collate, generator=private_generator(0)))
 
     return factory

@@ -24,11 +24,16 @@ class ShardReport(Callback):
     def __init__(self, run_dir: Path, delay: float):
         self.run_dir, self.delay = run_dir, delay
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(self.run_dir / "batches.txt", "a") as f:
+            f.write(f"{trainer.global_step} {int(batch['input_ids'].sum())}\n")
+
     def on_train_batch_end(self, trainer, pl_module, *args):
         if self.delay:
             time.sleep(self.delay)
 
     def on_train_end(self, trainer, pl_module):
+        pl_module.reshard()
         sizes = {"trainable_local": 0, "trainable_global": 0, "all_local": 0, "all_global": 0}
         for p in pl_module.parameters():
             local = p.to_local().numel() if hasattr(p, "to_local") else p.numel()

@@ -1,0 +1,107 @@
+"""``DataConfig``: the ``data`` group of the experiment config (a Hydra structured config).
+
+Only OmegaConf-friendly types are used, so a typo in a key or a wrong type fails at compose time.
+Choices held in plain strings are checked by :func:`check_data_config` with a message listing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from chameleon_ft.data.errors import POLICIES, DataConfigError
+
+FORMATS = ("llava", "lumina", "coco_captions", "vqav2", "jsonl", "hf_dataset",
+           "digits_captioning", "digits_vqa", "digits_t2i")
+DATA_TASKS = ("auto", "captioning", "vqa", "text_to_image", "chat")
+IMAGE_LAYOUTS = ("auto", "chameleon", "lumina")
+LABEL_MASKS = ("assistant", "caption", "answer", "image", "all")
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
+
+
+@dataclass
+class DataConfig:
+    """Where the data is, how it is read, and how samples are built.
+
+    Paths per split: ``path`` (train), ``val_path``, ``test_path``; for ``vqav2`` these are the questions
+    files and ``annotations_path``/``val_annotations_path``/``test_annotations_path`` the answers; for
+    ``coco_captions`` they are the caption annotation files. ``image_root`` (and optional per-split
+    ``val_image_root``/``test_image_root``) is the directory relative image paths are resolved against;
+    when unset, the directory of the annotation file. For ``hf_dataset``, ``path`` is a ``save_to_disk``
+    directory, a parquet/json/csv/arrow file (or glob), or an image folder (with ``metadata.jsonl``).
+    """
+
+    # -- source ---------------------------------------------------------------------------------------
+    name: str = "digits_vqa"  # one of FORMATS
+    path: Optional[str] = None
+    val_path: Optional[str] = None
+    test_path: Optional[str] = None
+    annotations_path: Optional[str] = None  # vqav2 answers for `path`
+    val_annotations_path: Optional[str] = None
+    test_annotations_path: Optional[str] = None
+    image_root: Optional[str] = None
+    val_image_root: Optional[str] = None
+    test_image_root: Optional[str] = None
+    # vqav2 file naming; fields {split} (the questions file's data_subtype, e.g. train2014) and {image_id}
+    image_template: Optional[str] = None
+    # hf_dataset / jsonl: canonical field -> column name, for image, images, caption, question, answer,
+    # answers, prompt, conversations (fields not given use their own name)
+    columns: dict[str, str] = field(default_factory=dict)
+    task: str = "auto"  # auto | captioning | vqa | text_to_image | chat ("auto": the format's own task)
+    # Instruction text. captioning: the instruction; vqa: a template with {question}; text_to_image: a
+    # template with {prompt}, {width}, {height}. None: the built-in default of the task.
+    prompt_template: Optional[str] = None
+    image_marker: Optional[str] = None  # None: "<image>" for llava/hf_dataset, "<|image|>" for lumina
+    on_bad_sample: str = "raise"  # raise | skip (skips are counted, logged and reported)
+    val_fraction: float = 0.0  # hold out this fraction of train as val when there is no val source
+    max_samples: Optional[int] = None  # cap per split (taken before conversion; for quick runs)
+    seed: int = 0
+    num_workers: int = 0  # processes for datasets.map (0: in-process)
+    cache_dir: Optional[str] = None  # datasets cache (None: the datasets default)
+
+    # -- samples and tokenization ------------------------------------------------------------------------
+    max_length: int = 2048
+    packing: bool = False
+    image_size: int = 512  # target side in pixels (multiple of 16; 32 for the lumina layout)
+    image_layout: str = "auto"  # auto | chameleon | lumina (auto: from the checkpoint)
+    image_buckets: bool = False  # Lumina aspect-ratio buckets instead of a centre-cropped square
+    label_mask: str = "assistant"  # assistant | caption | answer | image | all
+    cfg_dropout: float = 0.0  # text_to_image: probability of dropping the prompt (classifier-free guidance)
+
+    # -- loaders -----------------------------------------------------------------------------------------
+    batch_size: int = 8
+    eval_batch_size: int = 8
+
+
+def _get(cfg: Any, key: str, default=None):
+    return getattr(cfg, key, default) if not isinstance(cfg, dict) else cfg.get(key, default)
+
+
+def check_data_config(cfg: Any) -> None:
+    """Raise :class:`DataConfigError` naming the key and the valid choices for an invalid value."""
+    checks = (("name", FORMATS), ("task", DATA_TASKS), ("on_bad_sample", POLICIES),
+              ("image_layout", IMAGE_LAYOUTS), ("label_mask", LABEL_MASKS))
+    for key, choices in checks:
+        value = _get(cfg, key)
+        if value not in choices:
+            raise DataConfigError(f"data.{key}={value!r} is not valid; choose one of {choices}")
+    vf = float(_get(cfg, "val_fraction", 0.0))
+    if not 0.0 <= vf < 1.0:
+        raise DataConfigError(f"data.val_fraction={vf} must be in [0, 1)")
+    cd = float(_get(cfg, "cfg_dropout", 0.0))
+    if not 0.0 <= cd <= 1.0:
+        raise DataConfigError(f"data.cfg_dropout={cd} must be in [0, 1]")
+    ms = _get(cfg, "max_samples")
+    if ms is not None and int(ms) < 1:
+        raise DataConfigError(f"data.max_samples={ms} must be >= 1 (or null)")
+    if int(_get(cfg, "image_size", 512)) < 16:
+        raise DataConfigError(f"data.image_size={_get(cfg, 'image_size')} is too small")
+
+
+def canonical_split(split: str) -> str:
+    """``"validation"``/``"dev"`` -> ``"val"`` etc.; raises on an unknown split name."""
+    try:
+        return SPLIT_ALIASES[split]
+    except KeyError:
+        raise DataConfigError(f"unknown split {split!r}; use one of {SPLITS}") from None

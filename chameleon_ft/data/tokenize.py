@@ -1,0 +1,157 @@
+"""Canonical conversations -> token ids and labels, with images VQ-encoded into the same stream.
+
+Real image-token ids (begin-image, size tokens, codes, row ends, end-image) are written into
+``input_ids``, and into ``labels`` where the image is a target. (Transformers' processor inserts
+placeholder tokens instead and swaps embeddings inside forward, so the real ids never reach ``labels``.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from chameleon_ft.data.errors import BadSampleError
+from chameleon_ft.data.image_layout import image_to_ids
+from chameleon_ft.data.sample import Conversation
+from chameleon_ft.data.template import Piece, TokenizedTurn, get_template
+from chameleon_ft.model.loss import IGNORE_INDEX
+from chameleon_ft.model.tokens import ChameleonTokens
+
+IMAGE_TASKS = ("captioning", "vqa", "text_to_image")
+
+
+@dataclass
+class EncoderOptions:
+    layout: str = "lumina"  # chameleon | lumina
+    image_size: int = 512
+    buckets: bool = False  # Lumina aspect-ratio buckets (lumina layout) instead of a centre crop
+    label_mask: str = "assistant"
+    template: str = "lumina"
+    max_length: int = 4096
+    unconditional: bool = False  # also build the classifier-free-guidance form (text-to-image)
+
+
+class ConversationEncoder:
+    """Tokenize canonical records in batches; images are encoded together on the VQGAN's device."""
+
+    def __init__(self, text_tokenizer, tokens: ChameleonTokens, vqgan, options: EncoderOptions):
+        self.text_tokenizer, self.tokens, self.vqgan, self.opt = text_tokenizer, tokens, vqgan, options
+        self.template = get_template(options.template, tokens)
+        if options.buckets:
+            from chameleon_ft.vq.preprocess import lumina_buckets
+
+            self.buckets = lumina_buckets(options.image_size)
+
+    # -- images ------------------------------------------------------------------------------------
+    def _prepare_image(self, img):
+        from chameleon_ft.vq.preprocess import center_crop_resize, choose_bucket, resize_to_bucket, to_rgb_on_white
+
+        img = to_rgb_on_white(img)
+        if self.opt.buckets:
+            bucket = choose_bucket(img.width, img.height, self.buckets)
+            return resize_to_bucket(img, bucket)
+        return center_crop_resize(img, self.opt.image_size)
+
+    @torch.no_grad()
+    def encode_images(self, images: list) -> list[torch.Tensor]:
+        """VQ codes ``[h, w]`` for PIL images, batched by size."""
+        from chameleon_ft.vq.preprocess import pil_to_tensor
+
+        pixels = [pil_to_tensor(self._prepare_image(im)) for im in images]
+        out: list[torch.Tensor | None] = [None] * len(pixels)
+        by_size: dict[tuple, list[int]] = {}
+        for i, p in enumerate(pixels):
+            by_size.setdefault(tuple(p.shape), []).append(i)
+        device = next(self.vqgan.parameters()).device
+        for idxs in by_size.values():
+            for s in range(0, len(idxs), 32):
+                chunk = idxs[s : s + 32]
+                codes = self.vqgan.encode(torch.stack([pixels[i] for i in chunk]).to(device)).cpu()
+                for i, c in zip(chunk, codes):
+                    out[i] = c
+        return out  # type: ignore[return-value]
+
+    # -- samples -----------------------------------------------------------------------------------
+    def _text_ids(self, text: str) -> list[int]:
+        return self.text_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, records: list[dict]) -> list[dict | BadSampleError]:
+        """Encode canonical records; a bad one yields its :class:`BadSampleError` instead of a sample."""
+        convs, opened, results = [], [], [None] * len(records)
+        for k, rec in enumerate(records):
+            conv = Conversation.from_record(rec)
+            try:
+                if conv.task in IMAGE_TASKS and not conv.images:
+                    raise BadSampleError(conv.source, conv.index, "text_only", f"a {conv.task} sample needs an image")
+                imgs = [ref.open(conv.source, conv.index) for ref in conv.images]
+            except BadSampleError as err:
+                results[k] = err
+                continue
+            convs.append((k, conv))
+            opened.append(imgs)
+        flat = [im for imgs in opened for im in imgs]
+        codes_flat = self.encode_images(flat) if flat else []
+        pos = 0
+        for (k, conv), imgs in zip(convs, opened):
+            codes = codes_flat[pos : pos + len(imgs)]
+            pos += len(imgs)
+            try:
+                results[k] = self._encode_one(conv, codes)
+            except BadSampleError as err:
+                results[k] = err
+        return results  # type: ignore[return-value]
+
+    def _image_piece(self, codes: torch.Tensor) -> Piece:
+        h, w = codes.shape
+        ds = self.vqgan.config.downsample
+        return Piece(image_to_ids(codes, self.tokens, self.opt.layout, pixel_size=(h * ds, w * ds)), is_image=True)
+
+    def _encode_one(self, conv: Conversation, codes: list[torch.Tensor]) -> dict:
+        it = iter(codes)
+        turns, image_pieces = [], []
+        meta = dict(conv.meta)
+        for turn in conv.turns:
+            pieces = []
+            for seg in turn.segments:
+                if seg.image is not None:
+                    piece = self._image_piece(next(it))
+                    pieces.append(piece)
+                    if turn.role == "assistant":
+                        image_pieces.append(piece)
+                else:
+                    text = seg.text
+                    # Text-to-image prompts name the size: re-render it for the size actually used.
+                    if conv.task == "text_to_image" and turn.role == "user" and "prompt_template" in meta and codes:
+                        h, w = codes[-1].shape
+                        ds = self.vqgan.config.downsample
+                        text = meta["prompt_template"].format(prompt=meta["prompt"], width=w * ds, height=h * ds)
+                    if text:
+                        pieces.append(Piece(self._text_ids(text)))
+            turns.append(TokenizedTurn(turn.role, pieces))
+        enc = self.template.encode(turns, self.opt.label_mask)
+        if len(enc.input_ids) > self.opt.max_length:
+            raise BadSampleError(conv.source, conv.index, "too_long",
+                                 f"{len(enc.input_ids)} tokens > max_length={self.opt.max_length} "
+                                 "(image spans are never cut)")
+        if all(x == IGNORE_INDEX for x in enc.labels):
+            raise BadSampleError(conv.source, conv.index, "no_trainable_tokens",
+                                 f"label_mask={self.opt.label_mask!r} selects no token of this sample")
+        last = next((t for t in reversed(conv.turns) if t.role == "assistant"), None)
+        out = {
+            "input_ids": enc.input_ids,
+            "labels": enc.labels,
+            "prompt_ids": enc.input_ids[: enc.prompt_len],
+            "target": last.text if last is not None else "",
+            "task": conv.task,
+            "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True),
+            "source": conv.source,
+            "index": conv.index,
+            "uncond_input_ids": [],
+            "uncond_labels": [],
+        }
+        if self.opt.unconditional and image_pieces:
+            unc = self.template.unconditional(image_pieces[-1].ids)
+            out["uncond_input_ids"], out["uncond_labels"] = unc.input_ids, unc.labels
+        return out

@@ -1,0 +1,35 @@
+"""Typed config of ``python -m chameleon_ft.generate`` (Hydra structured config ``generate_config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class GenerateConfig:
+    """What to load, what to read, how to decode. Override on the command line as ``key=value``."""
+
+    mode: str = "text"  # text (answers / captions) | image (text-to-image)
+    # Base or merged checkpoint directory; None: the embedded tiny checkpoint.
+    model: Optional[str] = None
+    adapter: Optional[str] = None  # adapter directory (PEFT LoRA and/or image_rows.safetensors)
+    input: Optional[str] = None  # JSONL of {"prompt": str, "image": path?} (text) or {"prompt": str} (image)
+    output: str = "generations"  # directory: outputs.jsonl (+ NNNNN.png for images)
+    image_root: Optional[str] = None  # relative image paths in the input are resolved against this
+    batch_size: int = 4
+    seed: int = 0
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    image_layout: str = "lumina"  # lumina | chameleon: token layout of images (prompt and output)
+    # Text answers / captions.
+    max_new_tokens: int = 64
+    do_sample: bool = False  # False: greedy
+    temperature: float = 1.0
+    top_k: int = 10
+    # Text-to-image.
+    width: int = 512
+    height: int = 512
+    cfg_scale: float = 3.0  # classifier-free guidance; <= 1 disables the unconditional branch
+    image_top_k: int = 2000
+    image_temperature: float = 1.0

@@ -1,0 +1,153 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chameleon_ft.model.checkpoint import iter_tensors
+from chameleon_ft.training.adapters import (
+    AdapterConfigError,
+    ImageRowsEmbedding,
+    ImageRowsLinear,
+    image_row_deltas,
+    merge_image_row_deltas,
+    merge_image_rows_into_model,
+)
+from chameleon_ft.training.model_init import build_train_model
+from tests.training.helpers import make_cfg, small_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return small_checkpoint(tmp_path_factory.mktemp("ck") / "small")
+
+
+def _build(ckpt, **over):
+    cfg = make_cfg(ckpt, **over)
+    return build_train_model(cfg.model, cfg.peft, ckpt, device=torch.device("cpu"), base_dtype=torch.float32, seed=0)
+
+
+def _lora_modules(model):
+    return sorted({n.split(".lora_A")[0].replace("base_model.model.", "") for n, _ in model.named_parameters()
+                   if ".lora_A." in n})
+
+
+@pytest.mark.parametrize("preset, names", [
+    ("attention", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("all_linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    (["v_proj", "down_proj"], ["v_proj", "down_proj"]),
+])
+def test_lora_targets_only_decoder_linears(ckpt, preset, names):
+    model = _build(ckpt, **{"peft.target_modules": preset})
+    sub = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    expected = sorted(f"model.layers.{i}.{sub[n]}.{n}" for i in range(2) for n in names)
+    assert _lora_modules(model) == expected
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_unknown_preset_and_method_refused(ckpt):
+    with pytest.raises(AdapterConfigError, match="attn"):
+        _build(ckpt, **{"peft.target_modules": "attn"})
+    with pytest.raises(AdapterConfigError, match="qlora"):
+        _build(ckpt, **{"peft.method": "qlora"})
+
+
+def test_full_finetune_trains_everything(ckpt):
+    model = _build(ckpt, **{"peft.method": "none"})
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_meta_init_streaming_load_equals_plain_load(ckpt):
+    """The FSDP path (meta device, to_empty, per-tensor load) gives the same model as load_model."""
+    cfg = make_cfg(ckpt, **{"peft.train_image_rows": True, "model.zero_image_lm_head": True})
+    plain = build_train_model(cfg.model, cfg.peft, ckpt, device=torch.device("cpu"), base_dtype=torch.float32, seed=3)
+    meta = build_train_model(cfg.model, cfg.peft, ckpt, device=torch.device("cpu"), base_dtype=torch.float32, seed=3,
+                             shard_fn=lambda m: m)
+    a, b = dict(plain.named_parameters()), dict(meta.named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    for (ka, va), (kb, vb) in zip(plain.named_buffers(), meta.named_buffers()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=ka)
+
+
+def test_zero_image_lm_head(ckpt):
+    model = _build(ckpt, **{"model.zero_image_lm_head": True, "peft.method": "none"})
+    lm = model
+    ids = lm.image_token_ids
+    ref = dict(iter_tensors(ckpt, ["lm_head.weight"]))["lm_head.weight"]
+    w = lm.lm_head.weight.detach()
+    assert ref[ids].abs().sum() > 0
+    assert torch.all(w[ids] == 0)
+    keep = torch.ones(len(w), dtype=torch.bool)
+    keep[ids] = False
+    torch.testing.assert_close(w[keep], ref[keep], rtol=0, atol=0)
+
+
+def _image_batch(model):
+    ids = model.image_token_ids if hasattr(model, "image_token_ids") else model.get_base_model().image_token_ids
+    used = ids[:5]  # only some image tokens appear in the input
+    input_ids = torch.tensor([[1, 12, 13, *used.tolist(), 14, 15]])
+    labels = input_ids.clone()
+    labels[0, :2] = -100
+    return input_ids, labels, used
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_image_rows_only_those_rows_change_and_export_is_rows_only(ckpt, tmp_path, method):
+    model = _build(ckpt, **{"peft.method": method, "peft.train_image_rows": True, "model.mask_image_logits": False})
+    lm = model.get_base_model() if method == "lora" else model
+    assert isinstance(lm.lm_head, ImageRowsLinear) and isinstance(lm.model.embed_tokens, ImageRowsEmbedding)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "image_rows_delta" in n} and all(
+        "image_rows_delta" in n or ".lora_" in n for n in trainable)
+    head0, emb0 = lm.lm_head.weight.detach().clone(), lm.model.embed_tokens.weight.detach().clone()
+    base_head0 = lm.lm_head.base.weight.detach().clone()
+    input_ids, labels, used = _image_batch(lm)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    opt.step()
+    head1, emb1 = lm.lm_head.weight.detach(), lm.model.embed_tokens.weight.detach()
+    ids = lm.image_token_ids
+    changed_head = (head1 != head0).any(dim=1).nonzero().squeeze(1)
+    assert set(changed_head.tolist()) == set(ids.tolist())  # every image row (softmax over all), nothing else
+    changed_emb = (emb1 != emb0).any(dim=1).nonzero().squeeze(1)
+    assert set(changed_emb.tolist()) == set(used.tolist())  # only image ids that were embedded
+    torch.testing.assert_close(lm.lm_head.base.weight, base_head0, rtol=0, atol=0)  # frozen base untouched
+
+    deltas = image_row_deltas(model)
+    assert set(deltas) == {"lm_head.image_rows_delta", "lm_head.image_rows",
+                           "model.embed_tokens.image_rows_delta", "model.embed_tokens.image_rows"}
+    assert deltas["lm_head.image_rows_delta"].shape == (len(ids), lm.config.hidden_size)
+    assert torch.equal(deltas["lm_head.image_rows"], ids.sort().values)
+    base = dict(iter_tensors(ckpt, ["lm_head.weight", "model.embed_tokens.weight"]))
+    merged = merge_image_row_deltas(base, deltas)
+    torch.testing.assert_close(merged["lm_head.weight"], head1, rtol=0, atol=1e-7)
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], emb1, rtol=0, atol=1e-7)
+
+    # Merging into the module gives plain Linear/Embedding with identical outputs.
+    with torch.no_grad():
+        before = model(input_ids=input_ids, labels=labels).loss
+        merge_image_rows_into_model(model)
+        assert isinstance(lm.lm_head, torch.nn.Linear) and isinstance(lm.model.embed_tokens, torch.nn.Embedding)
+        after = model(input_ids=input_ids, labels=labels).loss
+    torch.testing.assert_close(before, after)
+
+
+def test_train_exports_image_rows_file_with_rows_only(ckpt, tmp_path):
+    from chameleon_ft.training.train import train
+    from tests.training.helpers import loader_factory
+
+    cfg = make_cfg(ckpt, **{"peft.method": "none", "peft.train_image_rows": True, "trainer.max_steps": 2,
+                            "model.mask_image_logits": False})
+    train(cfg, tmp_path / "run", loader_factory=loader_factory())
+    files = sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir())
+    assert files == ["image_rows.safetensors"]
+    rows = load_file(tmp_path / "run" / "adapter" / "image_rows.safetensors")
+    n_img = 16
+    assert rows["lm_head.image_rows_delta"].shape == (n_img, 64)
+    assert rows["model.embed_tokens.image_rows_delta"].shape == (n_img, 64)
+    assert rows["lm_head.image_rows_delta"].abs().sum() > 0
+    assert not (tmp_path / "run" / "model").exists()  # no full-model export for a rows-only adapter
