@@ -26,7 +26,7 @@ from chameleon_ft.model.modeling import ChameleonFTForCausalLM
 from chameleon_ft.model.tokens import NAMES, SIZE_TOKEN_BASE, image_token_name
 
 # Bump when the tiny checkpoint's contents change, so stale caches are rebuilt.
-TINY_VERSION = 3
+TINY_VERSION = 4
 MAX_SIZE_TOKENS = 33  # <reserved08800> .. <reserved08832>: sides up to 1024 px
 
 TINY_MODEL = dict(
@@ -80,7 +80,11 @@ def build_tokenizer_json(num_codes: int) -> str:
         vocab_size=len(specials) + 768, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 8, trainer)
+    from chameleon_ft.data.sample import DEFAULT_CAPTION_PROMPT, DEFAULT_T2I_TEMPLATE, DEFAULT_VQA_TEMPLATE
+
+    corpus = _CORPUS + [DEFAULT_CAPTION_PROMPT, DEFAULT_VQA_TEMPLATE, DEFAULT_T2I_TEMPLATE,
+                        "Is this digit even? Is this digit greater than five?"]
+    tok.train_from_iterator(corpus * 8, trainer)
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
     # Image codes live in the BPE vocabulary itself (as in the real one), after the text tokens.

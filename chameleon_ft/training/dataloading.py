@@ -46,8 +46,15 @@ class ResumableDataLoader(DataLoader):
         if getattr(self, "_resumed", False):
             self._resumed = False  # load_state_dict already placed the sampler
         elif fn is not None:
-            self.batch_sampler.set_epoch(fn()[0])
+            self._set_epoch(fn()[0])
         return super().__iter__()
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+        # The dataset's per-epoch randomness (classifier-free-guidance dropout) follows the same epoch.
+        target = getattr(self.dataset, "samples", self.dataset)
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
 
     def state_dict(self) -> dict:
         fn = getattr(self, "_progress_fn", None)
@@ -64,9 +71,10 @@ class ResumableDataLoader(DataLoader):
                 f"resuming with data seed {sampler.seed}, but the checkpoint's data order used seed {saved_seed}"
             )
         epoch, done = int(state["epoch"]), int(state["batches_done"])
-        sampler.set_epoch(epoch)
+        self._set_epoch(epoch)
         if done >= len(sampler):  # saved on the epoch's last batch: continue with the next epoch
             epoch, done = epoch + 1, 0
+            self._set_epoch(epoch)
         sampler.resume_at(epoch, done)
         self._resumed = True
 
@@ -81,14 +89,13 @@ def trainer_progress(trainer) -> Callable[[], tuple[int, int]]:
 
 
 def build_dataloaders(cfg, checkpoint_dir: str, *, world_size: int, rank: int, run_dir=None):
-    """Train and validation loaders from ``cfg.data`` through the data contract.
+    """Train and validation loaders from ``cfg.data``: cached tokenized splits, seeded length-grouped
+    batches (each rank takes its share), classifier-free-guidance dropout, and optional packing.
 
-    Uses ``chameleon_ft.data.pipeline.tokenized_split``, ``ConversationCollator`` and
-    ``LengthGroupedBatchSampler`` (each rank takes its share of batches). Returns
-    ``(train_loader, val_loader)``.
+    Returns ``(train_loader, val_loader)``.
     """
-    from chameleon_ft.data.collator import ConversationCollator
-    from chameleon_ft.data.pipeline import tokenized_split
+    from chameleon_ft.data.collator import ConversationCollator, PackedRows, pack_by_length
+    from chameleon_ft.data.pipeline import TrainingSamples, tokenized_split
     from chameleon_ft.data.sampler import LengthGroupedBatchSampler
     from chameleon_ft.model.tokens import ChameleonTokens
 
@@ -96,13 +103,17 @@ def build_dataloaders(cfg, checkpoint_dir: str, *, world_size: int, rank: int, r
     tokens = ChameleonTokens.from_checkpoint(checkpoint_dir)
     collate = ConversationCollator(pad_id=tokens.pad, max_length=int(data.max_length))
     loaders = []
-    for split, bs, shuffle in (("train", data.batch_size, True), ("val", data.eval_batch_size, False)):
-        ds = tokenized_split(data, checkpoint_dir, split, run_dir=run_dir)
-        ds = ds.with_format(None, columns=["input_ids", "labels"])
-        lengths = [len(x) for x in ds["input_ids"]]
-        sampler = LengthGroupedBatchSampler(lengths, int(bs), seed=int(cfg.seed), shuffle=shuffle,
+    for split, bs, train in (("train", data.batch_size, True), ("val", data.eval_batch_size, False)):
+        samples = TrainingSamples(tokenized_split(data, checkpoint_dir, split, run_dir=run_dir),
+                                  cfg_dropout=float(data.cfg_dropout) if train else 0.0, seed=int(cfg.seed))
+        dataset, lengths = samples, samples.lengths
+        if data.packing and train:
+            # Rows of several samples up to max_length; batch_size then counts rows.
+            bins = pack_by_length(samples.lengths, int(data.max_length))
+            dataset, lengths = PackedRows(samples, bins), [sum(samples.lengths[i] for i in b) for b in bins]
+        sampler = LengthGroupedBatchSampler(lengths, int(bs), seed=int(cfg.seed), shuffle=train,
                                             num_replicas=world_size, rank=rank)
-        cls = ResumableDataLoader if split == "train" else DataLoader
-        loaders.append(cls(ds, batch_sampler=sampler, collate_fn=collate, num_workers=0,
+        cls = ResumableDataLoader if train else DataLoader
+        loaders.append(cls(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0,
                            generator=private_generator(int(cfg.seed))))
     return tuple(loaders)

@@ -124,6 +124,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None)
         callbacks.append(RichProgressBar())
     optional = {k: t[k] for k in ("max_epochs", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches")
                 if t.get(k) is not None}
+    if isinstance(t.get("val_check_interval"), int) and t.get("check_val_every_n_epoch") is None:
+        # An integer interval counts batches across epochs (step-based validation), not within one.
+        optional["check_val_every_n_epoch"] = None
     return L.Trainer(
         accelerator=accelerator,
         devices=t.devices,
@@ -232,6 +235,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     factory = loader_factory or build_dataloaders
     train_loader, val_loader = factory(cfg, model_path, world_size=trainer.world_size, rank=trainer.global_rank,
                                        run_dir=run_dir)
+    if evaluators is None:
+        from chameleon_ft.training.evaluators import build_evaluators
+
+        module.evaluators = build_evaluators(cfg, model_path, run_dir, trainer.world_size)
     if isinstance(train_loader, ResumableDataLoader):
         train_loader.bind_progress(trainer_progress(trainer))
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)

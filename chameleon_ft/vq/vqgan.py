@@ -546,7 +546,7 @@ def fit_tiny_vqgan(
     decoder_steps: int = 150,
     max_seconds: float = 60.0,
     *,
-    batch_size: int = 16,
+    batch_size: int = 12,
     lr: float = 2e-3,
     max_images: int = 512,
 ) -> dict[str, float]:
@@ -561,7 +561,7 @@ def fit_tiny_vqgan(
 
     Deterministic for a given seed and initial weights as long as ``max_seconds`` (a safety net
     that stops training early) is not reached. Global RNG state is left untouched. Returns
-    ``{"steps", "seconds", "mse_before", "mse_after"}`` (MSE on up to 256 of the images).
+    ``{"steps", "seconds", "mse_before", "mse_after"}`` (MSE on up to 64 of the images).
     """
     from sklearn.cluster import KMeans
 
@@ -575,7 +575,7 @@ def fit_tiny_vqgan(
     if images.shape[0] > max_images:
         images = images[torch.from_numpy(np.sort(rng.choice(images.shape[0], max_images, replace=False))).to(device)]
     n = images.shape[0]
-    probe = images[: min(n, 256)]
+    probe = images[: min(n, 64)]
 
     def probe_mse() -> float:
         with torch.no_grad():

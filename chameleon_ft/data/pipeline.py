@@ -1,0 +1,259 @@
+"""Pre-tokenization cache: read a split, VQ-encode every image once, store ids and labels as Arrow.
+
+The cache directory is keyed on the data config, the split, the input files' size and mtime, the
+checkpoint's tokenizer and VQ weights (checksums) and this pipeline's version, so a change to any of them
+builds a new cache; a stale one is never reused. It is written in shards, each saved to a temporary
+directory and renamed when complete, so a run killed at any moment resumes with the shards it finished
+and building twice gives the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy
+from chameleon_ft.data.readers import read_conversations
+from chameleon_ft.data.tokenize import ConversationEncoder, EncoderOptions
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1
+# Keys of DataConfig that do not change the tokenized samples (loader and collator settings).
+NOT_IN_KEY = {"batch_size", "eval_batch_size", "num_workers", "packing", "cfg_dropout", "cache_dir"}
+FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int32")),
+    "labels": datasets.List(datasets.Value("int32")),
+    "prompt_ids": datasets.List(datasets.Value("int32")),
+    "uncond_input_ids": datasets.List(datasets.Value("int32")),
+    "uncond_labels": datasets.List(datasets.Value("int32")),
+    "target": datasets.Value("string"),
+    "task": datasets.Value("string"),
+    "meta": datasets.Value("string"),
+    "source": datasets.Value("string"),
+    "index": datasets.Value("int64"),
+})
+
+
+def _plain(cfg) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if is_dataclass(cfg):
+        return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    return dict(cfg)
+
+
+_checksums: dict[tuple, str] = {}
+
+
+def file_checksum(path: str | Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _checksums:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _checksums[key] = h.hexdigest()
+    return _checksums[key]
+
+
+def vq_checksum(checkpoint_dir: str | Path) -> str:
+    """Checksum of the VQ weights the encoder uses: Meta's ``vqgan.ckpt`` if present, else the
+    ``model.vqmodel.*`` tensors of the Hugging Face weights."""
+    ckpt = Path(checkpoint_dir) / "tokenizer" / "vqgan.ckpt"
+    if ckpt.exists():
+        return file_checksum(ckpt)
+    from chameleon_ft.model.checkpoint import VQ_PREFIX, iter_tensors, weight_files
+
+    h = hashlib.sha256()
+    names = sorted(n for n in weight_files(checkpoint_dir) if n.startswith(VQ_PREFIX))
+    for name, t in sorted(iter_tensors(checkpoint_dir, names)):
+        h.update(name.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _input_stamps(data: dict) -> list:
+    stamps = []
+    for key in ("path", "val_path", "test_path", "annotations_path", "val_annotations_path", "test_annotations_path"):
+        p = data.get(key)
+        if p and os.path.exists(os.path.expanduser(str(p))):
+            p = os.path.expanduser(str(p))
+            st = os.stat(p)
+            stamps.append((key, os.path.abspath(p), st.st_size, st.st_mtime_ns))
+    return stamps
+
+
+def resolve_image_layout(data_cfg, checkpoint_dir: str | Path) -> str:
+    """``auto``: Lumina-mGPT's layout for grouped-qk-norm checkpoints, Chameleon's for expanded ones."""
+    layout = data_cfg.image_layout
+    if layout != "auto":
+        return layout
+    from chameleon_ft.model.checkpoint import detect_qk_layout, load_config, tensor_shapes
+
+    grouped = detect_qk_layout(tensor_shapes(checkpoint_dir), load_config(checkpoint_dir)) == "grouped"
+    return "lumina" if grouped else "chameleon"
+
+
+def cache_key(data_cfg, checkpoint_dir: str | Path, split: str) -> str:
+    """Hex key of everything the tokenized ``split`` depends on."""
+    data = _plain(data_cfg)
+    parts = {
+        "version": PIPELINE_VERSION,
+        "split": split,
+        "data": {k: v for k, v in sorted(data.items()) if k not in NOT_IN_KEY},
+        "inputs": _input_stamps(data),
+        "tokenizer": file_checksum(Path(checkpoint_dir) / "tokenizer.json"),
+        "vq": vq_checksum(checkpoint_dir),
+        "layout": resolve_image_layout(data_cfg, checkpoint_dir),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cache_root(data_cfg) -> Path:
+    from chameleon_ft.tiny import cache_root as default_root
+
+    return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_root() / "pretokenized"
+
+
+def build_encoder(data_cfg, checkpoint_dir: str | Path, device=None) -> ConversationEncoder:
+    """Text tokenizer + VQGAN encoder of the checkpoint, configured from ``data_cfg``."""
+    from chameleon_ft.model.checkpoint import load_tokenizer
+    from chameleon_ft.model.tokens import ChameleonTokens
+    from chameleon_ft.vq.vqgan import load_vqgan
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    opts = EncoderOptions(
+        layout=resolve_image_layout(data_cfg, checkpoint_dir),
+        image_size=int(data_cfg.image_size),
+        buckets=bool(data_cfg.image_buckets),
+        label_mask=str(data_cfg.label_mask),
+        max_length=int(data_cfg.max_length),
+        unconditional=True,  # cheap to store; lets cfg_dropout change without rebuilding the cache
+    )
+    return ConversationEncoder(load_tokenizer(checkpoint_dir), ChameleonTokens.from_checkpoint(checkpoint_dir),
+                               load_vqgan(checkpoint_dir, device=device), opts)
+
+
+def tokenized_split(data_cfg, checkpoint_dir: str | Path, split: str, *, run_dir: str | Path | None = None,
+                    shard_size: int = 512, device=None, progress: bool = True) -> datasets.Dataset:
+    """The tokenized ``split``, from the cache or built into it first.
+
+    Columns: ``input_ids``, ``labels`` (-100 = not trained), ``prompt_ids`` (the sequence before the last
+    assistant turn), ``target`` (its text), ``uncond_input_ids``/``uncond_labels`` (text-to-image
+    classifier-free-guidance form), ``task``, ``meta`` (JSON), ``source``, ``index``. Bad samples follow
+    ``data_cfg.on_bad_sample``; skipped ones are reported in ``<run_dir>/bad_samples_<split>.json``.
+    """
+    from chameleon_ft.data.config import canonical_split
+
+    split = canonical_split(split)
+    key = cache_key(data_cfg, checkpoint_dir, split)
+    root = cache_root(data_cfg) / f"{data_cfg.name}-{split}-{key}"
+    done = root / "DONE.json"
+    if not done.exists():
+        _build(data_cfg, checkpoint_dir, split, root, shard_size, device, progress)
+    summary = json.loads(done.read_text())
+    shards = [datasets.load_from_disk(str(root / "shards" / s)) for s in summary["shards"]]
+    ds = datasets.concatenate_datasets(shards) if shards else datasets.Dataset.from_list([], features=FEATURES)
+    report = summary["bad_samples"]
+    if report["total_skipped"]:
+        log.warning("%s %s: %d sample(s) were skipped when the cache was built (%s); report: %s",
+                    data_cfg.name, split, report["total_skipped"], report["counts"], root / "bad_samples.json")
+        if run_dir is not None:
+            dst = Path(run_dir) / f"bad_samples_{split}.json"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / "bad_samples.json", dst)
+    log.info("%s %s: %d tokenized samples from %s", data_cfg.name, split, len(ds), root)
+    return ds
+
+
+def _build(data_cfg, checkpoint_dir, split, root: Path, shard_size: int, device, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    policy = BadSamplePolicy(data_cfg.on_bad_sample)
+    records = read_conversations(data_cfg, split, policy)
+    encoder = build_encoder(data_cfg, checkpoint_dir, device)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    n_shards = max(1, -(-len(records) // shard_size))
+    names = []
+    bar = tqdm(total=len(records), desc=f"pre-tokenizing {data_cfg.name} {split}", disable=not progress)
+    for s in range(n_shards):
+        name = f"{s:05d}"
+        names.append(name)
+        final, stats_file = root / "shards" / name, root / "shards" / f"{name}.json"
+        chunk = range(s * shard_size, min(len(records), (s + 1) * shard_size))
+        if final.exists() and stats_file.exists():  # finished by an earlier (killed) run
+            for err in json.loads(stats_file.read_text())["errors"]:
+                policy.handle(BadSampleError.from_dict(err))
+            bar.update(len(chunk))
+            continue
+        samples, errors = [], []
+        for out in encoder.encode_batch([records[i] for i in chunk]):
+            if isinstance(out, BadSampleError):
+                policy.handle(out)  # raises under on_bad_sample=raise
+                errors.append(out.to_dict())
+            else:
+                samples.append(out)
+        tmp = root / "shards" / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        quiet = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # one bar for the whole build, not one per shard
+        try:
+            datasets.Dataset.from_list(samples, features=FEATURES).save_to_disk(str(tmp))
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
+        os.replace(tmp, final)
+        stats_tmp = stats_file.with_suffix(".json.tmp")
+        stats_tmp.write_text(json.dumps({"samples": len(samples), "errors": errors}))
+        os.replace(stats_tmp, stats_file)
+        bar.update(len(chunk))
+    bar.close()
+    policy.write_report(root / "bad_samples.json")
+    policy.log_summary(f"{data_cfg.name} {split}")
+    tmp = root / "DONE.json.tmp"
+    tmp.write_text(json.dumps({"shards": names, "bad_samples": policy.to_dict(), "read_skipped": policy.total}))
+    os.replace(tmp, root / "DONE.json")
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Samples for the loader: ``input_ids`` and ``labels``, with seeded classifier-free-guidance dropout.
+
+    With probability ``cfg_dropout`` a text-to-image sample is replaced by its unconditional form. The
+    draw depends only on ``(seed, epoch, index)``, so runs -- and resumed runs -- are reproducible.
+    """
+
+    def __init__(self, ds: datasets.Dataset, cfg_dropout: float = 0.0, seed: int = 0):
+        cols = ["input_ids", "labels", "uncond_input_ids", "uncond_labels"]
+        self.ds = ds.with_format(None, columns=cols)
+        self.cfg_dropout, self.seed, self.epoch = float(cfg_dropout), int(seed), 0
+        self.lengths = [len(x) for x in self.ds["input_ids"]]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def drops_condition(self, index: int) -> bool:
+        if self.cfg_dropout <= 0:
+            return False
+        h = hashlib.blake2b(f"{self.seed}:{self.epoch}:{index}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2**64 < self.cfg_dropout
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.ds[int(index)]
+        if row["uncond_input_ids"] and self.drops_condition(index):
+            return {"input_ids": row["uncond_input_ids"], "labels": row["uncond_labels"]}
+        return {"input_ids": row["input_ids"], "labels": row["labels"]}
