@@ -20,7 +20,12 @@ def main() -> float | None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> float | None:
+        import logging
+
         from chameleon_ft.training.train import train
+
+        # Lightning prints through its own handler; without this Hydra's root handler prints it again.
+        logging.getLogger("lightning.pytorch").propagate = False
 
         metrics = train(cfg)
         return metrics.get(cfg.monitor)

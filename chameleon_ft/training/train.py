@@ -22,7 +22,6 @@ from chameleon_ft.training.strategy import build_strategy, resolve_accelerator
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-IMAGE_ROWS_FILE = "image_rows.safetensors"
 FULL_MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
 
@@ -105,7 +104,7 @@ def build_loggers(logger_cfg, run_dir: Path) -> list:
 
 
 def _export_on_save(run_dir: Path, trainer, module) -> None:
-    export_adapter(module, run_dir, is_global_zero=trainer.is_global_zero)
+    export_trained(module, run_dir, is_global_zero=trainer.is_global_zero)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
@@ -155,14 +154,13 @@ def _full_state_dict(module: ChameleonLitModule) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_adapter(module: ChameleonLitModule, run_dir: Path, *, is_global_zero: bool) -> dict[str, str]:
-    """Write what was trained to ``run_dir``: ``adapter/`` (PEFT format) and/or the image rows, or ``model/``.
+def export_trained(module: ChameleonLitModule, run_dir: Path, *, is_global_zero: bool) -> dict[str, str]:
+    """Write what was trained to ``run_dir``: ``adapter/`` (PEFT format, plus ``image_rows.safetensors``
+    when image rows were trained), or ``model/`` for full fine-tuning.
 
-    Collective under FSDP: call on every rank. Returns the written paths by kind.
+    Collective under FSDP (every rank's shard is gathered): call on every rank. Returns paths by kind.
     """
-    from peft import PeftModel
-    from safetensors.torch import save_file
-
+    from chameleon_ft.export.adapter import IMAGE_ROWS_FILE, export_adapter
     from chameleon_ft.model.checkpoint import save_state_dict
     from chameleon_ft.training.adapters import image_row_deltas, merge_image_row_deltas
 
@@ -174,19 +172,16 @@ def export_adapter(module: ChameleonLitModule, run_dir: Path, *, is_global_zero:
     if not is_global_zero:
         return out
     adapter_dir = run_dir / ADAPTER_DIR
-    if isinstance(model, PeftModel):
-        lora_only = {k: v for k, v in full.items() if "image_rows_delta" not in k}
-        model.save_pretrained(str(adapter_dir), state_dict=lora_only)
-        out["adapter"] = str(adapter_dir)
-    if deltas:
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in deltas.items()}, str(adapter_dir / IMAGE_ROWS_FILE),
-                  metadata={"format": "pt", "kind": "chameleon_ft.image_rows"})
-        out["image_rows"] = str(adapter_dir / IMAGE_ROWS_FILE)
+    is_peft = getattr(model, "peft_config", None) is not None
+    if is_peft or deltas:
+        export_adapter(model, adapter_dir, base_model_path=module.model_path, state_dict=full)
+        if is_peft:
+            out["adapter"] = str(adapter_dir)
+        if deltas:
+            out["image_rows"] = str(adapter_dir / IMAGE_ROWS_FILE)
     if trainable is None:  # full fine-tuning: the whole model, stock layout
         lm = module.causal_lm
-        state = {k: v for k, v in full.items()}
-        state = merge_image_row_deltas(state, deltas) if deltas else state
+        state = merge_image_row_deltas(dict(full), deltas) if deltas else dict(full)
         save_state_dict(state, lm.config, run_dir / FULL_MODEL_DIR, source_dir=getattr(lm, "checkpoint_dir", None))
         out["model"] = str(run_dir / FULL_MODEL_DIR)
     return out
@@ -235,7 +230,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     factory = loader_factory or build_dataloaders
     train_loader, val_loader = factory(cfg, model_path, world_size=trainer.world_size, rank=trainer.global_rank,
                                        run_dir=run_dir)
-    if evaluators is None:
+    if evaluators is None and loader_factory is None:  # custom loaders bring their own evaluators
         from chameleon_ft.training.evaluators import build_evaluators
 
         module.evaluators = build_evaluators(cfg, model_path, run_dir, trainer.world_size)
@@ -244,7 +239,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = dict(module.last_val_metrics)
-    exported = export_adapter(module, run_dir, is_global_zero=trainer.is_global_zero)
+    exported = export_trained(module, run_dir, is_global_zero=trainer.is_global_zero)
     if trainer.is_global_zero:
         (run_dir / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
         for kind, path in exported.items():

@@ -145,9 +145,13 @@ def test_train_exports_image_rows_file_with_rows_only(ckpt, tmp_path):
     train(cfg, tmp_path / "run", loader_factory=loader_factory())
     files = sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir())
     assert files == ["image_rows.safetensors"]
-    rows = load_file(tmp_path / "run" / "adapter" / "image_rows.safetensors")
+    from chameleon_ft.export.adapter import load_image_rows
+    from chameleon_ft.model.tokens import ChameleonTokens
+
+    rows = load_image_rows(tmp_path / "run" / "adapter")
     n_img = 16
-    assert rows["lm_head.image_rows_delta"].shape == (n_img, 64)
-    assert rows["model.embed_tokens.image_rows_delta"].shape == (n_img, 64)
-    assert rows["lm_head.image_rows_delta"].abs().sum() > 0
+    assert torch.equal(rows.row_ids.sort().values, ChameleonTokens.from_checkpoint(ckpt).image_token_ids)
+    assert rows.deltas["lm_head.weight"].shape == (n_img, 64)
+    assert rows.deltas["model.embed_tokens.weight"].shape == (n_img, 64)
+    assert rows.deltas["lm_head.weight"].abs().sum() > 0
     assert not (tmp_path / "run" / "model").exists()  # no full-model export for a rows-only adapter

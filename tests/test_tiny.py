@@ -1,0 +1,74 @@
+"""The embedded tiny checkpoint: real on-disk layout, both q/k-norm layouts, same model."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import ChameleonForConditionalGeneration
+
+from chameleon_ft.model.checkpoint import iter_tensors, load_model, load_tokenizer, tensor_shapes
+from chameleon_ft.model.tokens import ChameleonTokens
+from chameleon_ft.vq.vqgan import load_hf_vqgan, load_meta_vqgan
+
+
+def test_layout_on_disk_matches_a_real_checkpoint(tiny_grouped):
+    names = {p.name for p in tiny_grouped.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert len([n for n in names if n.startswith("model-0000")]) > 1  # sharded
+    assert {p.name for p in (tiny_grouped / "tokenizer").iterdir()} >= {"vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json"}
+    cfg = json.loads((tiny_grouped / "config.json").read_text())
+    assert cfg["vocabulary_map"] and cfg["vq_config"] and cfg["model_parallel_size"] == 2
+    assert cfg["num_attention_heads"] == 4
+    shapes = tensor_shapes(tiny_grouped)
+    assert shapes["model.layers.0.self_attn.q_norm.weight"] == (2, 64)
+    assert any(n.startswith("model.vqmodel.encoder.") for n in shapes)
+    # Meta's VQGAN file carries the decoder; the HF weights carry the encoder only
+    assert load_meta_vqgan(tiny_grouped / "tokenizer").has_decoder
+    assert not load_hf_vqgan(tiny_grouped).has_decoder
+
+
+def test_special_tokens_resolve_by_name_at_non_7b_ids(tiny_grouped):
+    tokens = ChameleonTokens.from_checkpoint(tiny_grouped)
+    tok = load_tokenizer(tiny_grouped)
+    assert (tokens.bos, tokens.pad, tokens.eos) != (0, 1, 2)  # 7B's ids: nothing may rely on them
+    assert int(tokens.code_to_id[0]) != 4 and tokens.eot != 8710
+    assert tok.convert_tokens_to_ids("<racm3:break>") == tokens.boi
+    assert tok.convert_ids_to_tokens(int(tokens.code_to_id[7])) == "IMGIMGHZ"
+
+
+def test_grouped_and_expanded_hold_the_same_model(tiny_grouped, tiny_expanded):
+    assert tensor_shapes(tiny_expanded)["model.layers.0.self_attn.q_norm.weight"] == (4, 64)
+    a, b = load_model(tiny_grouped), load_model(tiny_expanded)
+    assert (a.checkpoint_layout, b.checkpoint_layout) == ("grouped", "expanded")
+    ids = torch.randint(0, a.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
+def test_ours_equals_stock_transformers_on_the_expanded_checkpoint(tiny_expanded):
+    ours = load_model(tiny_expanded)
+    stock = ChameleonForConditionalGeneration.from_pretrained(tiny_expanded, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, stock(input_ids=ids).logits, rtol=0, atol=1e-5)
+    # the VQ encoder inside stock's checkpoint is the one our VQGAN uses
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        stock_ids = stock.model.get_image_tokens(pixels)
+    ours_codes = load_meta_vqgan(tiny_expanded / "tokenizer").encode(pixels)
+    tokens = ChameleonTokens.from_checkpoint(tiny_expanded)
+    assert torch.equal(stock_ids.reshape(-1), tokens.codes_to_ids(ours_codes).reshape(-1))
+
+
+def test_cli_builds_same_weights_in_either_layout(tmp_path, tiny_grouped):
+    out = tmp_path / "tiny-expanded"
+    subprocess.run([sys.executable, "-m", "chameleon_ft.tiny", str(out), "--layout", "expanded"], check=True,
+                   capture_output=True)
+    built, cached = dict(iter_tensors(out)), dict(iter_tensors(tiny_grouped))
+    assert built.keys() == cached.keys()
+    for name, t in cached.items():
+        other = built[name]
+        if other.shape != t.shape:  # q/k norm: expanded rows repeat the groups
+            other = other[:: other.shape[0] // t.shape[0]]
+        assert torch.equal(other, t), name
