@@ -10,9 +10,9 @@ PNG file in a cache directory (``$CHAMELEON_FT_CACHE`` or ``~/.cache/chameleon_f
   are ordered by ``blake2b("digits:<index>")``; the first ``round(0.1 n)`` are val, the next ``round(0.1 n)``
   test, the rest train. Counts: train 1439, val 179, test 179 (all 1797 covered, disjoint).
 - captioning: user ``[image, "Describe the image briefly."]``, assistant ``"a handwritten digit seven"``.
-- vqa: one question per image. Question types rotate by the image's position in its split (sorted by
-  sklearn index): ``digit`` ("What digit is this?" -> "7"), ``parity`` ("Is this digit even?" -> "no"),
-  ``greater_than_five`` ("Is this digit greater than five?" -> "yes"), so every split mixes the types
+- vqa: train asks all three questions of every image (4317 samples); val and test ask one per image,
+  the type rotating by the image's position in its split (sorted by sklearn index): ``digit`` ("What digit is this?" -> "7"), ``parity`` ("Is this digit even?" -> "no"),
+  ``greater_than_five`` ("Is this digit greater than five?" -> "yes"), so held-out splits mix the types
   evenly. ``meta["answers"]`` is the answer ten times (the VQAv2 metric's shape), ``meta["question_type"]``
   the type.
 - text_to_image: user ``"Generate an image of 64x64 according to the following prompt:\\nDraw the digit 7"``
@@ -43,6 +43,7 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 QUESTION_TYPES = ("digit", "parity", "greater_than_five")
 VAL_FRACTION = TEST_FRACTION = 0.1
 RENDER_VERSION = "v1"  # bump when rendering changes, so stale cached PNGs are not reused
+DATASET_VERSION = "2"  # bump when the samples built from the scans change (part of the pre-tokenization key)
 DIGITS_TASKS = {"captioning": "captioning", "vqa": "vqa", "t2i": "text_to_image", "text_to_image": "text_to_image"}
 
 
@@ -124,6 +125,7 @@ def digits_conversations(task: str, split: str, image_size: int = 64, cache_dir:
     task = DIGITS_TASKS[task]
     _, labels = load_scans()
     records = []
+    split_name = canonical_split(split)
     for pos, idx in enumerate(split_indices(split)):
         label = int(labels[idx])
         image = ImageRef(path=str(digit_image_path(idx, image_size, cache_dir)))
@@ -132,11 +134,15 @@ def digits_conversations(task: str, split: str, image_size: int = 64, cache_dir:
             conv = captioning_conversation(image, f"a handwritten digit {DIGIT_WORDS[label]}", prompt=prompt_template,
                                            meta=meta, source=SOURCE, index=idx)
         elif task == "vqa":
-            qtype = QUESTION_TYPES[pos % len(QUESTION_TYPES)]
-            question, answer = digit_question(label, qtype)
-            meta.update(question_type=qtype, answers=[answer] * 10)
-            conv = vqa_conversation(image, question, answer, template=prompt_template, meta=meta, source=SOURCE,
-                                    index=idx)
+            # Training asks every question of every image (more supervision from few scans); held-out splits
+            # ask one per image, rotating the type, so each image is scored once.
+            qtypes = QUESTION_TYPES if split_name == "train" else [QUESTION_TYPES[pos % len(QUESTION_TYPES)]]
+            for qtype in qtypes:
+                question, answer = digit_question(label, qtype)
+                qmeta = dict(meta, question_type=qtype, answers=[answer] * 10)
+                records.append(vqa_conversation(image, question, answer, template=prompt_template, meta=qmeta,
+                                                source=SOURCE, index=idx).to_record())
+            continue
         else:
             conv = text_to_image_conversation(f"Draw the digit {label}", image, width=image_size, height=image_size,
                                               template=prompt_template, meta=meta, source=SOURCE, index=idx)

@@ -118,6 +118,10 @@ def cache_key(data_cfg, checkpoint_dir: str | Path, split: str) -> str:
         "vq": vq_checksum(checkpoint_dir),
         "layout": resolve_image_layout(data_cfg, checkpoint_dir),
     }
+    if str(data["name"]).startswith("digits_"):  # bundled data: its own version stands in for file stamps
+        from chameleon_ft.data.digits import DATASET_VERSION, RENDER_VERSION
+
+        parts["inputs"] = ["digits", DATASET_VERSION, RENDER_VERSION]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -214,6 +218,9 @@ def _build(data_cfg, checkpoint_dir, split, root: Path, shard_size: int, device,
         finally:
             if quiet:
                 datasets.enable_progress_bars()
+        # A run killed between publishing this shard and its stats left the shard without stats: it was
+        # rebuilt above, so drop the old copy (a rename cannot replace a non-empty directory).
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         stats_tmp = stats_file.with_suffix(".json.tmp")
         stats_tmp.write_text(json.dumps({"samples": len(samples), "errors": errors}))

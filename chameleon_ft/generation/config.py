@@ -16,7 +16,9 @@ class GenerateConfig:
     adapter: Optional[str] = None  # adapter directory (PEFT LoRA and/or image_rows.safetensors)
     input: Optional[str] = None  # JSONL of {"prompt": str, "image": path?} (text) or {"prompt": str} (image)
     output: str = "generations"  # directory: outputs.jsonl (+ NNNNN.png for images)
-    image_root: Optional[str] = None  # relative image paths in the input are resolved against this
+    image_root: Optional[str] = None
+    # Side of the square input images fed to the VQGAN; None: the VQGAN's own resolution (512 for Chameleon).
+    image_size: Optional[int] = None  # relative image paths in the input are resolved against this
     batch_size: int = 4
     seed: int = 0
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16

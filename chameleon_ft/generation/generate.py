@@ -308,11 +308,12 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ("prompt",)) -> list[
     return records
 
 
-def image_encoder(checkpoint: str | Path, tokens: ChameleonTokens, layout: str) -> Callable[[str], list[int]]:
+def image_encoder(checkpoint: str | Path, tokens: ChameleonTokens, layout: str,
+                  image_size: int | None = None) -> Callable[[str], list[int]]:
     """``path -> image token span`` using the checkpoint's VQGAN (:mod:`chameleon_ft.vq`)."""
     from chameleon_ft.vq import ImageTokenizer
 
-    tok = ImageTokenizer.from_checkpoint(checkpoint)
+    tok = ImageTokenizer.from_checkpoint(checkpoint, image_size=image_size)
 
     def encode(path: str) -> list[int]:
         codes = tok.encode_path(path) if hasattr(tok, "encode_path") else tok.encode(path)
@@ -367,7 +368,7 @@ def run(cfg) -> Path:
                 path = Path(p) if Path(p).is_absolute() else root / p
                 if not path.exists():
                     raise GenerationError(f"{cfg.input}: record {i + 1}: image {path} not found")
-                encode = encode or image_encoder(checkpoint, tokens, cfg.image_layout)
+                encode = encode or image_encoder(checkpoint, tokens, cfg.image_layout, cfg.image_size)
                 spans.append(encode(str(path)))
             try:
                 prompts.append(user_turn_ids(tokens, tokenizer, rec["prompt"], spans))

@@ -36,7 +36,8 @@ def test_vqa_answers_match_sklearn_labels():
     seen_types = Counter()
     for split in ("train", "val", "test"):
         recs = digits.digits_conversations("vqa", split)
-        assert [r["index"] for r in recs] == digits.split_indices(split)
+        per_image = len(digits.QUESTION_TYPES) if split == "train" else 1
+        assert [r["index"] for r in recs] == [i for i in digits.split_indices(split) for _ in range(per_image)]
         for r in recs:
             conv = Conversation.from_record(r)
             label = int(SKL.target[conv.index])
@@ -49,6 +50,7 @@ def test_vqa_answers_match_sklearn_labels():
             seen_types[(split, conv.meta["question_type"])] += 1
     val_types = [seen_types[("val", t)] for t in digits.QUESTION_TYPES]
     assert max(val_types) - min(val_types) <= 1 and sum(val_types) == 179
+    assert all(seen_types[("train", t)] == 1439 for t in digits.QUESTION_TYPES)
 
 
 def test_captioning_and_t2i():
