@@ -23,7 +23,7 @@ def _num(x) -> str:
         return ""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
-    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{x:.3g}" if abs(x) < 999.5 else f"{x:,.0f}"  # .3g would print 999.7 as 1e+03
 
 
 def format_table(figures: list[dict]) -> str:

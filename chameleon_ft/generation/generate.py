@@ -26,6 +26,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
 from chameleon_ft.data.image_layout import LAYOUTS, ids_to_image, image_to_ids
+from chameleon_ft.data.sample import DEFAULT_T2I_TEMPLATE
 from chameleon_ft.generation.logits import LockstepSamplingLogitsProcessor, image_generation_processors
 from chameleon_ft.model.checkpoint import load_model, load_tokenizer
 from chameleon_ft.model.tokens import ChameleonTokens
@@ -33,7 +34,6 @@ from chameleon_ft.model.tokens import ChameleonTokens
 log = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<|image|>"
-T2I_TEMPLATE = "Generate an image of {W}x{H} according to the following prompt:\n{prompt}"
 PIXELS_PER_CODE = 16
 OUTPUTS_FILE = "outputs.jsonl"
 
@@ -203,7 +203,7 @@ def image_prefix(tokens: ChameleonTokens, width: int, height: int, layout: str) 
 def t2i_prompt_ids(tokens: ChameleonTokens, tokenizer, prompt: str, width: int, height: int,
                    layout: str = "lumina") -> tuple[list[int], list[int]]:
     """``(cond, uncond)`` ids: the user turn asking for the image then the open image, and the open image alone."""
-    text = T2I_TEMPLATE.format(W=width, H=height, prompt=prompt)
+    text = DEFAULT_T2I_TEMPLATE.format(width=width, height=height, prompt=prompt)  # as in training data
     prefix = image_prefix(tokens, width, height, layout)
     return user_turn_ids(tokens, tokenizer, text) + prefix, list(prefix)
 
