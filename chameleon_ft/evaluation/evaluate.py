@@ -47,7 +47,7 @@ def evaluate_predictions(task: str, preds: Sequence[str], metas: Sequence[dict |
     """Metrics of generated ``preds`` against each sample's references.
 
     ``vqa``: ``meta["answers"]`` (human answers; else ``[target]``) -> ``vqa_accuracy``, ``exact_match``.
-    ``captioning``: ``meta["references"]`` (else ``[target]``) -> ``bleu4``, ``cider``.
+    ``captioning``: ``meta["references"]`` (else ``[target]``) -> ``bleu4``, ``cider``, ``exact_match``.
     ``chat``: ``exact_match`` against ``target``.
     """
     if task not in GENERATION_TASKS:
@@ -74,7 +74,8 @@ def evaluate_predictions(task: str, preds: Sequence[str], metas: Sequence[dict |
             answers = refs("answers")
             return {"vqa_accuracy": vqa_accuracy(preds, answers), "exact_match": exact_match(preds, answers)}
         if task == "captioning":
-            return caption_metrics(preds, refs("references"))
+            references = refs("references")
+            return {**caption_metrics(preds, references), "exact_match": exact_match(preds, references)}
         if any(t is None for t in targets):
             raise EvaluationError("chat: exact match needs the targets")
         return {"exact_match": exact_match(preds, targets)}
@@ -102,6 +103,7 @@ def teacher_forced_metrics(model, tokens: ChameleonTokens, samples: Sequence[dic
     is_image = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
     is_image[image_ids] = True
     ce_sum = n = img_ce = img_n = img_hit = 0.0
+    masked = image_ids if getattr(model.config, "mask_image_logits", True) else None
     with image_logits_unmasked(model), torch.no_grad():
         for s in range(0, len(samples), batch_size):
             chunk = samples[s : s + batch_size]
@@ -113,7 +115,12 @@ def teacher_forced_metrics(model, tokens: ChameleonTokens, samples: Sequence[dic
             sel = y != IGNORE_INDEX
             logits = model.lm_head(h[sel]).float()
             y = y[sel]
-            ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            # The loss sees the logits the model was trained with (image logits masked if it masks them);
+            # image-token accuracy below ranks the image codes themselves.
+            scored = logits.clone()
+            if masked is not None:
+                scored[:, masked] = float("-inf")
+            ce = torch.nn.functional.cross_entropy(scored, y, reduction="none")
             ce_sum += float(ce.sum())
             n += y.numel()
             img = is_image[y]

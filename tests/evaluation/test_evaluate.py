@@ -67,8 +67,7 @@ def image_sample(T, seed):
 def test_teacher_forced_image_metrics_match_a_direct_computation(setup):
     model, T, _ = setup
     samples = [image_sample(T, 1), image_sample(T, 2), image_sample(T, 3)]
-    got = teacher_forced_metrics(model, T, samples, batch_size=2)
-    model.config.mask_image_logits = False
+    model.config.mask_image_logits = False  # a text-to-image model: image logits are not masked
     ce_all, ce_img, hits = [], [], []
     image_ids = T.image_token_ids
     try:
@@ -84,6 +83,7 @@ def test_teacher_forced_image_metrics_match_a_direct_computation(setup):
                 if y in set(image_ids.tolist()):
                     ce_img.append(ce)
                     hits.append(int(image_ids[logits[t - 1, image_ids].argmax()]) == y)
+        got = teacher_forced_metrics(model, T, samples, batch_size=2)
     finally:
         model.config.mask_image_logits = True
     assert len(ce_img) == 3 * 4
