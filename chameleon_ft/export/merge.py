@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -33,7 +32,7 @@ from chameleon_ft.model.checkpoint import (
     INDEX_FILE,
     LAYOUTS,
     SINGLE_FILE,
-    TOKENIZER_FILES,
+    finish_checkpoint_dir,
     iter_tensors,
     load_config,
     tensor_shapes,
@@ -199,28 +198,7 @@ def merge_adapter(
     if len(shards) > 1:
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
-    cfg = config.to_dict()
-    for key in ("_attn_implementation", "_attn_implementation_autoset"):
-        cfg.pop(key, None)
-    cfg["architectures"] = ["ChameleonForConditionalGeneration"]
-    cfg["qk_norm_layout"] = layout
-    if dtype is not None:
-        cfg["dtype"] = str(dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    for fname in TOKENIZER_FILES:
-        if (base / fname).exists():
-            shutil.copy2(base / fname, tmp / fname)
-    if (base / "tokenizer").is_dir():
-        shutil.copytree(base / "tokenizer", tmp / "tokenizer")
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    return finish_checkpoint_dir(tmp, out, config, layout=layout, source_dir=base, dtype=dtype)
 
 
 def _kv_to_flags(argv: list[str]) -> list[str]:

@@ -337,11 +337,21 @@ def save_state_dict(
         del chunk
     if len(shards) > 1:
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return finish_checkpoint_dir(tmp, out_dir, config, layout=layout, source_dir=source_dir)
+
+
+def finish_checkpoint_dir(tmp: Path, out_dir: Path, config: ChameleonConfig, *, layout: str,
+                          source_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Complete a checkpoint written to ``tmp`` (weights already there): ``config.json``, the tokenizer
+    files and ``tokenizer/`` copied from ``source_dir``; then move it to ``out_dir`` in one rename, so a
+    reader never sees a half-written checkpoint."""
     cfg = config.to_dict()
     cfg.pop("_attn_implementation", None)
     cfg.pop("_attn_implementation_autoset", None)
     cfg["architectures"] = ["ChameleonForConditionalGeneration"]
     cfg["qk_norm_layout"] = layout
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if source_dir is not None:
         source_dir = Path(source_dir)
