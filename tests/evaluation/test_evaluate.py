@@ -108,3 +108,20 @@ def test_evaluate_split_generates_answers_and_scores_them(setup):
     assert metrics["num_samples"] == 3
     assert metrics["vqa_accuracy"] == pytest.approx(1 / 3)
     assert "image_token_accuracy" not in metrics and metrics["loss"] > 0
+
+
+def test_teacher_forced_loss_equals_the_models_own_loss_with_masking_on(setup):
+    model, T, _ = setup
+    assert model.config.mask_image_logits
+    words = [T.vocab[f"t{i}"] for i in range(1, 9)]
+    samples = []
+    for k in range(3):
+        prompt = [T.bos, *words[k : k + 3], T.eot]
+        answer = [*words[k + 3 : k + 5], T.eot]
+        samples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    got = teacher_forced_metrics(model, T, samples, batch_size=3)
+    with torch.no_grad():
+        sums = [model(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]])).loss_sums
+                for s in samples]
+    expected = sum(float(x.ce_sum) for x in sums) / sum(int(x.n_tokens) for x in sums)
+    assert got["loss"] == pytest.approx(expected, rel=1e-5)  # what validation reports as val/loss
