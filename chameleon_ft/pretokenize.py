@@ -7,8 +7,6 @@ a finished cache is reused as long as the data config, tokenizer and VQ weights 
 
 from __future__ import annotations
 
-import sys
-
 
 def pretokenize(cfg, splits=("train", "val", "test")) -> dict[str, int]:
     """Tokenize ``splits`` of ``cfg.data`` into the cache; returns the sample count per split built."""
@@ -31,21 +29,9 @@ def pretokenize(cfg, splits=("train", "val", "test")) -> dict[str, int]:
 
 
 def main() -> None:
-    import hydra
+    from chameleon_ft.config.store import run_with_config
 
-    from chameleon_ft.config.store import CONF_DIR, ConfigKeyError, check_overrides, register_configs
-
-    try:
-        check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
-    except ConfigKeyError as e:
-        sys.exit(f"error: {e}")
-    register_configs()
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-    def _run(cfg) -> None:
-        pretokenize(cfg)
-
-    _run()
+    run_with_config(pretokenize)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,21 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+def run_with_config(task_fn):
+    """Compose the config from the command line exactly as training does and call ``task_fn(cfg)``.
+
+    Unknown keys fail before Hydra starts, listing the valid ones; Hydra then handles ``-m`` sweeps,
+    the run directory and logging. Returns what ``task_fn`` returns (for sweepers).
+    """
+    import sys
+
+    import hydra
+
+    try:
+        check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ConfigKeyError as e:
+        sys.exit(f"error: {e}")
+    register_configs()
+    return hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_fn)()

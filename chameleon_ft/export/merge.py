@@ -33,6 +33,9 @@ from chameleon_ft.model.checkpoint import (
     LAYOUTS,
     SINGLE_FILE,
     finish_checkpoint_dir,
+    is_qk_norm,
+    layout_rows,
+    plan_shards,
     iter_tensors,
     load_config,
     tensor_shapes,
@@ -155,21 +158,12 @@ def merge_adapter(
     sizes = {}
     for name in sorted(shapes):
         numel = math.prod(shapes[name])
-        if ".self_attn.q_norm." in name or ".self_attn.k_norm." in name:
-            heads = config.num_attention_heads if ".q_norm." in name else (config.num_key_value_heads or config.num_attention_heads)
-            numel = ((config.model_parallel_size or 1) if layout == "grouped" else heads) * shapes[name][-1]
+        if is_qk_norm(name):
+            numel = layout_rows(name, config, layout) * shapes[name][-1]
         float_src = dtypes[name] in ("F64", "F32", "F16", "BF16")
         item = dtype.itemsize if dtype is not None and float_src and not name.startswith("model.vqmodel.") else _ITEMSIZE[dtypes[name]]
         sizes[name] = numel * item
-    shards, cur, cur_size = [], [], 0
-    for name, size in sizes.items():
-        if cur and cur_size + size > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_size = [], 0
-        cur.append(name)
-        cur_size += size
-    if cur:
-        shards.append(cur)
+    shards = plan_shards(sizes, max_shard_bytes)
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -134,7 +134,7 @@ def iter_tensors(path: str | Path, names: Iterable[str] | None = None,
 # ---------------------------------------------------------------------------------------------
 # Layouts
 # ---------------------------------------------------------------------------------------------
-def _is_qk_norm(name: str) -> bool:
+def is_qk_norm(name: str) -> bool:
     return ".self_attn.q_norm." in name or ".self_attn.k_norm." in name
 
 
@@ -147,7 +147,7 @@ def detect_qk_layout(shapes: dict[str, tuple[int, ...]], config: ChameleonConfig
     groups = config.model_parallel_size or 1
     found = set()
     for name, shape in shapes.items():
-        if not _is_qk_norm(name):
+        if not is_qk_norm(name):
             continue
         heads = _heads_for(name, config)
         if groups == heads and shape[0] == heads:
@@ -166,13 +166,14 @@ def detect_qk_layout(shapes: dict[str, tuple[int, ...]], config: ChameleonConfig
     return found.pop() if found else "grouped"
 
 
-def _layout_rows(name: str, config: ChameleonConfig, layout: str) -> int:
+def layout_rows(name: str, config: ChameleonConfig, layout: str) -> int:
+    """Rows a q/k-norm tensor has in ``layout``."""
     return (config.model_parallel_size or 1) if layout == "grouped" else _heads_for(name, config)
 
 
 def to_layout(name: str, t: torch.Tensor, config: ChameleonConfig, layout: str) -> torch.Tensor:
     """Convert one tensor to ``layout``; non q/k-norm tensors pass through unchanged."""
-    if not _is_qk_norm(name):
+    if not is_qk_norm(name):
         return t
     groups, heads = config.model_parallel_size or 1, _heads_for(name, config)
     if layout == "grouped":
@@ -266,7 +267,8 @@ def load_model(
     return model.eval()
 
 
-def _plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most ``max_shard_bytes`` (one oversized tensor alone)."""
     shards, cur, cur_size = [], [], 0
     for name, size in sizes.items():
         if cur and cur_size + size > max_shard_bytes:
@@ -317,11 +319,11 @@ def save_state_dict(
     sizes = {}
     for n in names:
         t = tensors[n]
-        numel = t.numel() if not _is_qk_norm(n) else _layout_rows(n, config, layout) * t.shape[-1]
+        numel = t.numel() if not is_qk_norm(n) else layout_rows(n, config, layout) * t.shape[-1]
         sizes[n] = numel * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
     for n in vq_names:
         sizes[n] = int(torch.Size(src_shapes[n]).numel()) * 4
-    shards = _plan_shards(sizes, max_shard_bytes)
+    shards = plan_shards(sizes, max_shard_bytes)
     weight_map, total = {}, 0
     vq_set = set(vq_names)
     for i, shard_names in enumerate(shards, 1):
