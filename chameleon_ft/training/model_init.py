@@ -57,7 +57,8 @@ def resolve_base_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def _model_overrides(model_cfg) -> dict:
+def config_overrides(model_cfg) -> dict:
+    """The fine-tuning options of ``model_cfg`` that are set on the checkpoint's ``ChameleonConfig``."""
     return dict(
         mask_image_logits=model_cfg.mask_image_logits,
         z_loss_weight=model_cfg.z_loss_weight,
@@ -141,6 +142,22 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     _causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def prepare_for_training(model: ChameleonFTForCausalLM, model_cfg, peft_cfg, *, device: torch.device,
+                         base_dtype: torch.dtype, seed: int) -> nn.Module:
+    """Turn a loaded base model (unsharded) into the model to train: optional zeroed image ``lm_head``
+    rows, adapters, fp32 trainable / ``base_dtype`` frozen weights, seeded new weights, activation
+    checkpointing. The single-device / DDP half of :func:`build_train_model`."""
+    if model_cfg.zero_image_lm_head:
+        zero_image_lm_head_(model)
+    model = apply_peft(model, peft_cfg)
+    set_dtypes_(model, base_dtype)
+    model.to(device)
+    init_new_parameters_(model, seed)
+    if model_cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
 def build_train_model(
     model_cfg,
     peft_cfg,
@@ -158,19 +175,11 @@ def build_train_model(
     device = torch.device(device)
     if shard_fn is None:
         model = load_model(path, dtype=base_dtype, device=device, attn_implementation=model_cfg.attn_implementation,
-                           **_model_overrides(model_cfg))
-        if model_cfg.zero_image_lm_head:
-            zero_image_lm_head_(model)
-        model = apply_peft(model, peft_cfg)
-        set_dtypes_(model, base_dtype)
-        model.to(device)
-        init_new_parameters_(model, seed)
-        if model_cfg.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        return model
+                           **config_overrides(model_cfg))
+        return prepare_for_training(model, model_cfg, peft_cfg, device=device, base_dtype=base_dtype, seed=seed)
 
     path = Path(path)
-    config = load_config(path, **_model_overrides(model_cfg))
+    config = load_config(path, **config_overrides(model_cfg))
     config._attn_implementation = model_cfg.attn_implementation
     with torch.device("meta"):
         model = ChameleonFTForCausalLM(config)
