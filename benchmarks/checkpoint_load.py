@@ -40,6 +40,21 @@ def chameleon_vocab(size: int, num_codes: int) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
+def chameleon_config(spec: dict, layers: int | None = None, max_positions: int = 4096):
+    """A ``ChameleonConfig`` of a benchmark ``spec`` (hidden, intermediate, layers, heads, optional
+    kv_heads and groups, vocab, num_codes) with a 7B-style vocabulary map."""
+    from transformers import ChameleonConfig
+
+    vocab = chameleon_vocab(spec["vocab"], spec["num_codes"])
+    return ChameleonConfig(
+        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+        num_hidden_layers=layers or spec["layers"], num_attention_heads=spec["heads"],
+        num_key_value_heads=spec.get("kv_heads", spec["heads"]), model_parallel_size=spec.get("groups", 1),
+        vocabulary_map=vocab, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+        max_position_embeddings=max_positions,
+    )
+
+
 def fill_value(name: str, index: int) -> float:
     """The constant every element of tensor ``name`` is set to (checked after loading)."""
     return 1.0 if name.endswith("norm.weight") else 0.001 * (index % 97 + 1)
@@ -52,7 +67,6 @@ def build_checkpoint(path: str | Path, spec: dict = SPEC) -> Path:
     ever materialised.
     """
     import torch
-    from transformers import ChameleonConfig
 
     from chameleon_ft.model.checkpoint import save_state_dict
     from chameleon_ft.model.modeling import ChameleonFTForCausalLM
@@ -61,13 +75,7 @@ def build_checkpoint(path: str | Path, spec: dict = SPEC) -> Path:
     marker = path / SPEC_FILE
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return path
-    vocab = chameleon_vocab(spec["vocab"], spec["num_codes"])
-    config = ChameleonConfig(
-        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-        model_parallel_size=spec["groups"], vocabulary_map=vocab, bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"], max_position_embeddings=4096,
-    )
+    config = chameleon_config(spec)
     config._attn_implementation = "sdpa"
     dt = getattr(torch, spec["dtype"])
     with torch.device("meta"):

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.checkpoint_load import chameleon_config
 from benchmarks.common import GiB, SkipBenchmark, figure, median, require_cuda, run_worker
 
 MFU_GOAL = ">= 0.5"
@@ -47,22 +48,6 @@ MIN_LAYERS = 4
 # ---------------------------------------------------------------------------------------------
 # Model and config
 # ---------------------------------------------------------------------------------------------
-def chameleon_config(shape: dict, layers: int | None = None, max_positions: int = 4096):
-    """A ``ChameleonConfig`` of ``shape`` with a 7B-style vocabulary map (real token names and ids)."""
-    from transformers import ChameleonConfig
-
-    from benchmarks.checkpoint_load import chameleon_vocab
-
-    vocab = chameleon_vocab(shape["vocab"], shape["num_codes"])
-    return ChameleonConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=layers or shape["layers"], num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], model_parallel_size=shape["groups"], vocabulary_map=vocab,
-        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
-        max_position_embeddings=max_positions,
-    )
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype):
     import torch

@@ -71,9 +71,8 @@ def default_threads() -> int:
 def build_wide_checkpoint(path: str | Path, spec: dict = WIDE_SPEC) -> Path:
     """A random fp32 Chameleon checkpoint of ``spec`` (7B-style vocabulary map), cached at ``path``."""
     import torch
-    from transformers import ChameleonConfig
 
-    from benchmarks.checkpoint_load import chameleon_vocab
+    from benchmarks.checkpoint_load import chameleon_config
     from chameleon_ft.model.checkpoint import save_state_dict
     from chameleon_ft.model.modeling import ChameleonFTForCausalLM
 
@@ -81,13 +80,7 @@ def build_wide_checkpoint(path: str | Path, spec: dict = WIDE_SPEC) -> Path:
     marker = path / "benchmark_spec.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return path
-    vocab = chameleon_vocab(spec["vocab"], spec["num_codes"])
-    config = ChameleonConfig(
-        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-        model_parallel_size=1, vocabulary_map=vocab, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"], max_position_embeddings=4096,
-    )
+    config = chameleon_config(spec)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in ChameleonFTForCausalLM(config).state_dict().items()}
