@@ -2,9 +2,11 @@
 
 The cache directory is keyed on the data config, the split, the input files' size and mtime, the
 checkpoint's tokenizer and VQ weights (checksums) and this pipeline's version, so a change to any of them
-builds a new cache; a stale one is never reused. It is written in shards, each saved to a temporary
-directory and renamed when complete, so a run killed at any moment resumes with the shards it finished
-and building twice gives the same result.
+builds a new cache. The image files a cache was built from are stamped too (size, mtime) and checked
+on every reuse: an image replaced in place rebuilds the cache. So a stale cache is never reused. It is
+written in shards, each saved to a temporary directory and renamed when complete, so a run killed at
+any moment resumes with the shards it finished and building twice gives the same result. A file lock
+lets only one process (e.g. one rank of a multi-GPU run) build or check a cache at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from chameleon_ft.data.tokenize import ConversationEncoder, EncoderOptions
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 1
+IMAGE_STAMPS = "image_stamps.json"
 # Keys of DataConfig that do not change the tokenized samples (loader and collator settings).
 NOT_IN_KEY = {"batch_size", "eval_batch_size", "num_workers", "packing", "cfg_dropout", "cache_dir"}
 FEATURES = datasets.Features({
@@ -93,6 +96,39 @@ def _input_stamps(data: dict) -> list:
             st = os.stat(p)
             stamps.append((key, os.path.abspath(p), st.st_size, st.st_mtime_ns))
     return stamps
+
+
+def record_image_paths(records: datasets.Dataset) -> list[str]:
+    """Paths of the image files that canonical ``records`` refer to (in-memory images have none)."""
+    return [seg["image_path"] for turns in records["turns"] for turn in turns for seg in turn["segments"]
+            if seg["image_path"]]
+
+
+def image_stamps(paths) -> dict[str, list[int] | None]:
+    """``{path: [size, mtime_ns]}`` for each distinct path; ``None`` for one that cannot be read."""
+    out: dict[str, list[int] | None] = {}
+    for p in sorted(set(paths)):
+        try:
+            st = os.stat(p)
+            out[p] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[p] = None
+    return out
+
+
+def changed_images(stamps_file: Path) -> list[str]:
+    """Images whose size or mtime differ from ``stamps_file`` (a cache without the file counts as changed)."""
+    if not stamps_file.exists():
+        return [f"{stamps_file.name} missing"]
+    old = json.loads(stamps_file.read_text())
+    now = image_stamps(old)
+    return [p for p in old if now[p] != old[p]]
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def resolve_image_layout(data_cfg, checkpoint_dir: str | Path) -> str:
@@ -161,12 +197,22 @@ def tokenized_split(data_cfg, checkpoint_dir: str | Path, split: str, *, run_dir
     """
     from chameleon_ft.data.config import canonical_split
 
+    from filelock import FileLock
+
     split = canonical_split(split)
     key = cache_key(data_cfg, checkpoint_dir, split)
     root = cache_root(data_cfg) / f"{data_cfg.name}-{split}-{key}"
     done = root / "DONE.json"
-    if not done.exists():
-        _build(data_cfg, checkpoint_dir, split, root, shard_size, device, progress)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if done.exists():
+            changed = changed_images(root / IMAGE_STAMPS)
+            if changed:
+                log.warning("%s %s: %d image file(s) changed since the cache %s was built (e.g. %s); rebuilding it",
+                            data_cfg.name, split, len(changed), root, ", ".join(changed[:3]))
+                shutil.rmtree(root)
+        if not done.exists():
+            _build(data_cfg, checkpoint_dir, split, root, shard_size, device, progress)
     summary = json.loads(done.read_text())
     shards = [datasets.load_from_disk(str(root / "shards" / s)) for s in summary["shards"]]
     ds = datasets.concatenate_datasets(shards) if shards else datasets.Dataset.from_list([], features=FEATURES)
@@ -189,6 +235,8 @@ def _build(data_cfg, checkpoint_dir, split, root: Path, shard_size: int, device,
     records = read_conversations(data_cfg, split, policy)
     encoder = build_encoder(data_cfg, checkpoint_dir, device)
     (root / "shards").mkdir(parents=True, exist_ok=True)
+    # Stamped before encoding: an image changed during the build is caught at the next reuse.
+    _write_json_atomic(root / IMAGE_STAMPS, image_stamps(record_image_paths(records)))
     n_shards = max(1, -(-len(records) // shard_size))
     names = []
     bar = tqdm(total=len(records), desc=f"pre-tokenizing {data_cfg.name} {split}", disable=not progress)

@@ -201,6 +201,36 @@ def test_changes_that_matter_make_a_new_cache(tiny_grouped, tmp_path):
     assert len(cache_dirs(cfg)) == 3
 
 
+def test_image_replaced_in_place_rebuilds_the_cache(tiny_grouped, tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base_image(0).save(folder / "a.png")
+    base_image(1).save(folder / "b.png")
+    path = write_jsonl(tmp_path / "train.jsonl", [vqa("a.png"), vqa("b.png")])
+
+    def cfg(cache):
+        return DataConfig(name="jsonl", path=path, image_root=str(folder), image_size=64, max_length=80,
+                          cache_dir=str(tmp_path / cache))
+
+    calls = count_encodes(monkeypatch)
+    first = rows(tokenized_split(cfg("cache"), tiny_grouped, "train", progress=False))
+    assert len(calls) == 1
+    tokenized_split(cfg("cache"), tiny_grouped, "train", progress=False)
+    assert len(calls) == 1  # unchanged images: a cache hit
+    # Same path, new pixels (and a different mtime even on a coarse-clock filesystem).
+    base_image(7).save(folder / "a.png")
+    st = os.stat(folder / "a.png")
+    os.utime(folder / "a.png", ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    with caplog.at_level("WARNING", logger="chameleon_ft.data.pipeline"):
+        again = rows(tokenized_split(cfg("cache"), tiny_grouped, "train", progress=False))
+    assert len(calls) == 2
+    assert "1 image file(s) changed" in caplog.text and "a.png" in caplog.text
+    fresh = rows(tokenized_split(cfg("fresh_cache"), tiny_grouped, "train", progress=False))
+    assert again == fresh
+    assert again[0]["input_ids"] != first[0]["input_ids"] and again[1] == first[1]
+    assert len(cache_dirs(cfg("cache"))) == 1  # rebuilt in place, not beside the stale one
+
+
 def test_cache_key_covers_config_inputs_tokenizer_and_vq_weights(tiny_grouped, tmp_path):
     base = DataConfig(name="jsonl", path=write_jsonl(tmp_path / "t.jsonl", [vqa("x.png")]), image_size=64)
     key = cache_key(base, tiny_grouped, "train")
