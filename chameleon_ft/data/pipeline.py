@@ -195,9 +195,9 @@ def tokenized_split(data_cfg, checkpoint_dir: str | Path, split: str, *, run_dir
     classifier-free-guidance form), ``task``, ``meta`` (JSON), ``source``, ``index``. Bad samples follow
     ``data_cfg.on_bad_sample``; skipped ones are reported in ``<run_dir>/bad_samples_<split>.json``.
     """
-    from chameleon_ft.data.config import canonical_split
-
     from filelock import FileLock
+
+    from chameleon_ft.data.config import canonical_split
 
     split = canonical_split(split)
     key = cache_key(data_cfg, checkpoint_dir, split)
