@@ -16,7 +16,6 @@ added to their rows, and each shard is written as soon as it is complete. A 7B m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import shutil
@@ -25,13 +24,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from chameleon_ft.export.adapter import AdapterExportError, AdapterFiles, add_image_rows_, read_adapter
 from chameleon_ft.model.checkpoint import (
-    INDEX_FILE,
     LAYOUTS,
-    SINGLE_FILE,
     finish_checkpoint_dir,
     is_qk_norm,
     layout_rows,
@@ -41,6 +37,7 @@ from chameleon_ft.model.checkpoint import (
     tensor_shapes,
     to_layout,
     weight_files,
+    write_shards,
 )
 
 _PEFT_PREFIX = "base_model.model."
@@ -168,9 +165,7 @@ def merge_adapter(
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else SINGLE_FILE
+    def merged_chunk(names):
         chunk = {}
         for name, t in iter_tensors(base, names):
             if name in replace:
@@ -184,14 +179,9 @@ def merge_adapter(
             if dtype is not None and t.is_floating_point() and not name.startswith("model.vqmodel."):
                 t = t.to(dtype)
             chunk[name] = t.contiguous()
-        save_file(chunk, str(tmp / fname), metadata={"format": "pt"})
-        for name, t in chunk.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-        del chunk
-    if len(shards) > 1:
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        return chunk
 
+    write_shards(tmp, shards, merged_chunk)
     return finish_checkpoint_dir(tmp, out, config, layout=layout, source_dir=base, dtype=dtype)
 
 

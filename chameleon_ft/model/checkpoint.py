@@ -323,15 +323,27 @@ def save_state_dict(
         sizes[n] = numel * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
     for n in vq_names:
         sizes[n] = int(torch.Size(src_shapes[n]).numel()) * 4
-    shards = plan_shards(sizes, max_shard_bytes)
-    weight_map, total = {}, 0
     vq_set = set(vq_names)
-    for i, shard_names in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else SINGLE_FILE
+
+    def make_chunk(shard_names):
         chunk = {n: convert(n, tensors[n]) for n in shard_names if n not in vq_set}
         vq_here = [n for n in shard_names if n in vq_set]
         if vq_here:
             chunk.update(dict(iter_tensors(source_dir, vq_here)))
+        return chunk
+
+    write_shards(tmp, plan_shards(sizes, max_shard_bytes), make_chunk)
+    return finish_checkpoint_dir(tmp, out_dir, config, layout=layout, source_dir=source_dir)
+
+
+def write_shards(tmp: Path, shards: list[list[str]], make_chunk) -> None:
+    """Write ``shards`` (lists of tensor names) into ``tmp`` as safetensors files, plus the index when
+    there is more than one. ``make_chunk(names)`` returns that shard's ``{name: tensor}``, so only one
+    shard is in memory at a time."""
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else SINGLE_FILE
+        chunk = make_chunk(names)
         save_file(chunk, str(tmp / fname), metadata={"format": "pt"})
         for n, t in chunk.items():
             weight_map[n] = fname
@@ -339,7 +351,6 @@ def save_state_dict(
         del chunk
     if len(shards) > 1:
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return finish_checkpoint_dir(tmp, out_dir, config, layout=layout, source_dir=source_dir)
 
 
 def finish_checkpoint_dir(tmp: Path, out_dir: Path, config: ChameleonConfig, *, layout: str,
