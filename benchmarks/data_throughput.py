@@ -36,7 +36,7 @@ def _checkpoint():
 def _data_cfg(max_samples: int | None):
     from chameleon_ft.data.config import DataConfig
 
-    return DataConfig(name="digits_vqa", image_size=64, max_samples=max_samples, max_length=MAX_LENGTH,
+    return DataConfig(format="digits", task="vqa", image_size=64, max_samples=max_samples, max_length=MAX_LENGTH,
                       batch_size=BATCH, cache_dir=str(cache_dir() / "data_throughput"))
 
 
@@ -47,7 +47,7 @@ def throughput(max_samples: int | None, repeats: int, fly_batches: int) -> list[
 
     from chameleon_ft.data.collator import ConversationCollator
     from chameleon_ft.data.pipeline import TrainingSamples, build_encoder, tokenized_split
-    from chameleon_ft.data.readers import read_conversations
+    from chameleon_ft.data.reading import read_conversations
     from chameleon_ft.data.sampler import LengthGroupedBatchSampler
     from chameleon_ft.model.tokens import ChameleonTokens
 

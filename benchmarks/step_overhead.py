@@ -114,10 +114,10 @@ def make_samples(model_path: str, n: int, seq: int, seed: int = 0) -> list[dict]
     Image-token ids are left out: with ``mask_image_logits`` (the default) their logits are -inf.
     """
     import torch
+    from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
 
     from chameleon_ft.model.checkpoint import load_config
     from chameleon_ft.model.modeling import ChameleonFTModel  # noqa: F401 (transformers import order)
-    from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
 
     config = load_config(model_path)
     image = set(ChameleonImageVocabularyMapping(config.vocabulary_map).image_tokens)
@@ -193,8 +193,8 @@ def _peft_model(cfg, model_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from chameleon_ft.adapter import TARGET_PRESETS
     from chameleon_ft.model.checkpoint import load_model
-    from chameleon_ft.training.adapters import TARGET_PRESETS
 
     m = cfg.model
     model = load_model(model_path, dtype=torch.float32, attn_implementation=m.attn_implementation,

@@ -1,4 +1,4 @@
-"""``python -m chameleon_ft.pretokenize recipe=NAME [overrides]``: build the pre-tokenization cache.
+"""``python -m chameleon_ft.pretokenize recipe=NAME [key=value ...]``: build the pre-tokenization cache.
 
 Takes the same config and overrides as training; VQ-encodes every image of the train, val and (when it
 exists) test splits once, batched on the GPU when there is one. Resumable after a kill, and idempotent:
@@ -7,18 +7,21 @@ a finished cache is reused as long as the data config, tokenizer and VQ weights 
 
 from __future__ import annotations
 
+from chameleon_ft.cli import Command
+from chameleon_ft.cli import main as run_command
+
 
 def pretokenize(cfg, splits=("train", "val", "test")) -> dict[str, int]:
     """Tokenize ``splits`` of ``cfg.data`` into the cache; returns the sample count per split built."""
     from chameleon_ft.data.errors import DataConfigError
     from chameleon_ft.data.pipeline import tokenized_split
-    from chameleon_ft.training.train import resolve_model_path
+    from chameleon_ft.tiny import resolve_checkpoint
 
-    checkpoint = resolve_model_path(cfg.model)
+    assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
     counts = {}
     for split in splits:
         try:
-            counts[split] = len(tokenized_split(cfg.data, checkpoint, split))
+            counts[split] = len(tokenized_split(cfg.data, assets, split))
         except DataConfigError as e:
             if split == "train":
                 raise
@@ -28,10 +31,12 @@ def pretokenize(cfg, splits=("train", "val", "test")) -> dict[str, int]:
     return counts
 
 
-def main() -> None:
-    from chameleon_ft.config.store import run_with_config
+PRETOKENIZE = Command(prog="python -m chameleon_ft.pretokenize", config_name="config", run=pretokenize,
+                      summary="VQ-encode and tokenize a recipe's data once, into the pre-tokenization cache.")
 
-    run_with_config(pretokenize)
+
+def main() -> None:
+    run_command(PRETOKENIZE)
 
 
 if __name__ == "__main__":

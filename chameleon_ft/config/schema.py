@@ -16,7 +16,6 @@ from chameleon_ft.data.config import DataConfig
 class ModelConfig:
     """Which base checkpoint, and the fine-tuning options of the model."""
 
-    name: str = "tiny"
     # Local Hugging Face-format directory. None: the embedded tiny checkpoint (built on first use).
     path: Optional[str] = None
     tiny_layout: str = "grouped"  # layout of the embedded tiny checkpoint: grouped | expanded
@@ -120,11 +119,12 @@ class EvalConfig:
 class ExperimentConfig:
     """The whole run: a model, a data set, an adapter, an optimiser, a trainer."""
 
-    task: str = "vqa"  # captioning | vqa | text_to_image | chat
+    task: str = "vqa"  # a registered task (chameleon_ft.tasks): captioning | vqa | text_to_image | chat | ...
     seed: int = 0
     resume: str = "none"  # none | auto | <checkpoint path>
-    monitor: str = "val/loss"
-    monitor_mode: str = "min"
+    # The metric the run returns to sweepers and reports as its best; None: the task's own (e.g. val/acc).
+    monitor: Optional[str] = None
+    monitor_mode: Optional[str] = None  # max | min; None: the task's
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from chameleon_ft.errors import DataError
 from chameleon_ft.model.loss import IGNORE_INDEX
 
 
-class CollateError(ValueError):
+class CollateError(DataError):
     """A row is longer than ``max_length`` (samples must be filtered or packed upstream)."""
 
 

@@ -1,7 +1,8 @@
 """``DataConfig``: the ``data`` group of the experiment config (a Hydra structured config).
 
 Only OmegaConf-friendly types are used, so a typo in a key or a wrong type fails at compose time.
-Choices held in plain strings are checked by :func:`check_data_config` with a message listing them.
+Choices held in plain strings are checked by :func:`check_data_config` against the format and task
+registries, with a message listing the valid choices.
 """
 
 from __future__ import annotations
@@ -11,13 +12,26 @@ from typing import Any, Optional
 
 from chameleon_ft.data.errors import POLICIES, DataConfigError
 
-FORMATS = ("llava", "lumina", "coco_captions", "vqav2", "jsonl", "hf_dataset",
-           "digits_captioning", "digits_vqa", "digits_t2i")
-DATA_TASKS = ("auto", "captioning", "vqa", "text_to_image", "chat")
 IMAGE_LAYOUTS = ("auto", "chameleon", "lumina")
-LABEL_MASKS = ("assistant", "caption", "answer", "image", "all")
-SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
+
+
+@dataclass
+class ColumnsConfig:
+    """Column names of flat records (``jsonl``, ``hf_dataset``) and conversation files, per canonical field.
+
+    Unset fields use their own name, e.g. ``data.columns.question=q`` reads the question from column ``q``.
+    """
+
+    image: Optional[str] = None
+    images: Optional[str] = None
+    caption: Optional[str] = None
+    references: Optional[str] = None
+    question: Optional[str] = None
+    answer: Optional[str] = None
+    answers: Optional[str] = None
+    prompt: Optional[str] = None
+    conversations: Optional[str] = None
+    id: Optional[str] = None
 
 
 @dataclass
@@ -33,7 +47,7 @@ class DataConfig:
     """
 
     # -- source ---------------------------------------------------------------------------------------
-    name: str = "digits_vqa"  # one of FORMATS
+    format: str = "digits"  # a registered data format (chameleon_ft.data.formats)
     path: Optional[str] = None
     val_path: Optional[str] = None
     test_path: Optional[str] = None
@@ -45,14 +59,14 @@ class DataConfig:
     test_image_root: Optional[str] = None
     # vqav2 file naming; fields {split} (the questions file's data_subtype, e.g. train2014) and {image_id}
     image_template: Optional[str] = None
-    # hf_dataset / jsonl: canonical field -> column name, for image, images, caption, question, answer,
-    # answers, prompt, conversations (fields not given use their own name)
-    columns: dict[str, str] = field(default_factory=dict)
-    task: str = "auto"  # auto | captioning | vqa | text_to_image | chat ("auto": the format's own task)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # The task of each sample: a registered task, or auto (the run's task for formats made for fixed tasks;
+    # inferred per record from its fields for the open formats).
+    task: str = "auto"
     # Instruction text. captioning: the instruction; vqa: a template with {question}; text_to_image: a
     # template with {prompt}, {width}, {height}. None: the built-in default of the task.
     prompt_template: Optional[str] = None
-    image_marker: Optional[str] = None  # None: "<image>" for llava/hf_dataset, "<|image|>" for lumina
+    image_marker: Optional[str] = None  # None: the format's own ("<image>" llava, "<|image|>" lumina)
     on_bad_sample: str = "raise"  # raise | skip (skips are counted, logged and reported)
     val_fraction: float = 0.0  # hold out this fraction of train as val when there is no val source
     max_samples: Optional[int] = None  # cap per split (taken before conversion; for quick runs)
@@ -66,7 +80,7 @@ class DataConfig:
     image_size: int = 512  # target side in pixels (multiple of 16; 32 for the lumina layout)
     image_layout: str = "auto"  # auto | chameleon | lumina (auto: from the checkpoint)
     image_buckets: bool = False  # Lumina aspect-ratio buckets instead of a centre-cropped square
-    label_mask: str = "assistant"  # assistant | caption | answer | image | all
+    label_mask: Optional[str] = None  # assistant | image | all (None: the task's default)
     cfg_dropout: float = 0.0  # text_to_image: probability of dropping the prompt (classifier-free guidance)
 
     # -- loaders -----------------------------------------------------------------------------------------
@@ -80,8 +94,17 @@ def _get(cfg: Any, key: str, default=None):
 
 def check_data_config(cfg: Any) -> None:
     """Raise :class:`DataConfigError` naming the key and the valid choices for an invalid value."""
-    checks = (("name", FORMATS), ("task", DATA_TASKS), ("on_bad_sample", POLICIES),
-              ("image_layout", IMAGE_LAYOUTS), ("label_mask", LABEL_MASKS))
+    from chameleon_ft.data.formats import get_format
+    from chameleon_ft.tasks import LABEL_MASKS, get_task, task_names
+
+    fmt = get_format(_get(cfg, "format"))
+    task = _get(cfg, "task")
+    if task != "auto":
+        get_task(task)
+        if fmt.tasks is not None and task not in fmt.tasks:
+            raise DataConfigError(f"data.format={fmt.name} produces {list(fmt.tasks)} samples, not {task!r}")
+    checks = (("task", ("auto", *task_names())), ("on_bad_sample", POLICIES), ("image_layout", IMAGE_LAYOUTS),
+              ("label_mask", (None, *LABEL_MASKS)))
     for key, choices in checks:
         value = _get(cfg, key)
         if value not in choices:
@@ -97,11 +120,3 @@ def check_data_config(cfg: Any) -> None:
         raise DataConfigError(f"data.max_samples={ms} must be >= 1 (or null)")
     if int(_get(cfg, "image_size", 512)) < 16:
         raise DataConfigError(f"data.image_size={_get(cfg, 'image_size')} is too small")
-
-
-def canonical_split(split: str) -> str:
-    """``"validation"``/``"dev"`` -> ``"val"`` etc.; raises on an unknown split name."""
-    try:
-        return SPLIT_ALIASES[split]
-    except KeyError:
-        raise DataConfigError(f"unknown split {split!r}; use one of {SPLITS}") from None

@@ -15,6 +15,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from chameleon_ft.errors import ConfigError, DataError
+
 logger = logging.getLogger(__name__)
 
 # reason code -> what it means (the report and the docs list these)
@@ -38,15 +40,15 @@ REASONS = {
 POLICIES = ("raise", "skip")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """The data configuration is invalid (unknown format, missing path, split not available...)."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
     """A whole input file is unusable (missing, not JSON, wrong top-level structure)."""
 
 
-class BadSampleError(ValueError):
+class BadSampleError(DataError):
     """One record of an input file is unusable.
 
     ``str(err)`` reads ``"<file>: record <index>: <reason>: <detail>"``.

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from chameleon_ft.errors import DataError
 from chameleon_ft.model.tokens import ChameleonTokens
 
 LAYOUTS = ("chameleon", "lumina")
 
 
-class ImageLayoutError(ValueError):
+class ImageLayoutError(DataError):
     """A token span is not a well-formed image in the expected layout."""
 
 

@@ -16,16 +16,22 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy
-from chameleon_ft.data.readers import read_conversations
+from chameleon_ft.adapter.files import SampleSettings
+from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy, DataConfigError
+from chameleon_ft.data.formats import get_format
+from chameleon_ft.data.reading import read_conversations, sample_task
+from chameleon_ft.data.splits import canonical_split
 from chameleon_ft.data.tokenize import ConversationEncoder, EncoderOptions
+from chameleon_ft.model.assets import CheckpointAssets, as_assets
+from chameleon_ft.paths import cache_root as default_cache_root
+from chameleon_ft.tasks import LABEL_MASKS, get_task
 
 log = logging.getLogger(__name__)
 
@@ -47,55 +53,36 @@ FEATURES = datasets.Features({
 })
 
 
+def label_mask(data_cfg) -> str:
+    """``data.label_mask``, or the default of the samples' task (``assistant`` when it is inferred per record)."""
+    mask = data_cfg.label_mask
+    if mask is None:
+        task = sample_task(data_cfg)
+        mask = get_task(task).label_mask if task != "auto" else "assistant"
+    if mask not in LABEL_MASKS:
+        raise DataConfigError(f"data.label_mask={mask!r}; choose one of {LABEL_MASKS}")
+    return mask
+
+
+def sample_settings(data_cfg, assets: CheckpointAssets, task: str) -> SampleSettings:
+    """The settings that shaped a run's samples, as saved beside its adapter or model."""
+    return SampleSettings(
+        task=task,
+        prompt_template=get_task(task).template(data_cfg.prompt_template),
+        image_layout=assets.image_layout(data_cfg.image_layout),
+        image_size=int(data_cfg.image_size),
+        image_buckets=bool(data_cfg.image_buckets),
+        label_mask=label_mask(data_cfg),
+        max_length=int(data_cfg.max_length),
+    )
+
+
 def _plain(cfg) -> dict:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     if is_dataclass(cfg):
-        return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+        return asdict(cfg)
     return dict(cfg)
-
-
-_checksums: dict[tuple, str] = {}
-
-
-def file_checksum(path: str | Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime)."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _checksums:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _checksums[key] = h.hexdigest()
-    return _checksums[key]
-
-
-def vq_checksum(checkpoint_dir: str | Path) -> str:
-    """Checksum of the VQ weights the encoder uses: Meta's ``vqgan.ckpt`` if present, else the
-    ``model.vqmodel.*`` tensors of the Hugging Face weights."""
-    ckpt = Path(checkpoint_dir) / "tokenizer" / "vqgan.ckpt"
-    if ckpt.exists():
-        return file_checksum(ckpt)
-    from chameleon_ft.model.checkpoint import VQ_PREFIX, iter_tensors, weight_files
-
-    h = hashlib.sha256()
-    names = sorted(n for n in weight_files(checkpoint_dir) if n.startswith(VQ_PREFIX))
-    for name, t in sorted(iter_tensors(checkpoint_dir, names)):
-        h.update(name.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _input_stamps(data: dict) -> list:
-    stamps = []
-    for key in ("path", "val_path", "test_path", "annotations_path", "val_annotations_path", "test_annotations_path"):
-        p = data.get(key)
-        if p and os.path.exists(os.path.expanduser(str(p))):
-            p = os.path.expanduser(str(p))
-            st = os.stat(p)
-            stamps.append((key, os.path.abspath(p), st.st_size, st.st_mtime_ns))
-    return stamps
 
 
 def record_image_paths(records: datasets.Dataset) -> list[str]:
@@ -131,62 +118,46 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def resolve_image_layout(data_cfg, checkpoint_dir: str | Path) -> str:
-    """``auto``: Lumina-mGPT's layout for grouped-qk-norm checkpoints, Chameleon's for expanded ones."""
-    layout = data_cfg.image_layout
-    if layout != "auto":
-        return layout
-    from chameleon_ft.model.checkpoint import detect_qk_layout, load_config, tensor_shapes
-
-    grouped = detect_qk_layout(tensor_shapes(checkpoint_dir), load_config(checkpoint_dir)) == "grouped"
-    return "lumina" if grouped else "chameleon"
-
-
-def cache_key(data_cfg, checkpoint_dir: str | Path, split: str) -> str:
-    """Hex key of everything the tokenized ``split`` depends on."""
+def cache_key(data_cfg, assets: CheckpointAssets | str | Path, split: str) -> str:
+    """Hex key of everything the tokenized ``split`` depends on: the data config, the format's fingerprint
+    of its input files, the tokenizer, the VQ weights and the image layout."""
+    assets = as_assets(assets)
     data = _plain(data_cfg)
     parts = {
         "version": PIPELINE_VERSION,
         "split": split,
         "data": {k: v for k, v in sorted(data.items()) if k not in NOT_IN_KEY},
-        "inputs": _input_stamps(data),
-        "tokenizer": file_checksum(Path(checkpoint_dir) / "tokenizer.json"),
-        "vq": vq_checksum(checkpoint_dir),
-        "layout": resolve_image_layout(data_cfg, checkpoint_dir),
+        "task": sample_task(data_cfg),
+        "label_mask": label_mask(data_cfg),
+        "inputs": get_format(data_cfg.format).fingerprint(data_cfg, split),
+        "tokenizer": assets.tokenizer_checksum,
+        "vq": assets.vq_checksum,
+        "layout": assets.image_layout(data_cfg.image_layout),
     }
-    if str(data["name"]).startswith("digits_"):  # bundled data: its own version stands in for file stamps
-        from chameleon_ft.data.digits import DATASET_VERSION, RENDER_VERSION
-
-        parts["inputs"] = ["digits", DATASET_VERSION, RENDER_VERSION]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def cache_root(data_cfg) -> Path:
-    from chameleon_ft.tiny import cache_root as default_root
+    """Where pre-tokenized splits go: ``data.cache_dir`` or ``<cache root>/pretokenized``."""
+    return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_root() / "pretokenized"
 
-    return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_root() / "pretokenized"
 
-
-def build_encoder(data_cfg, checkpoint_dir: str | Path, device=None) -> ConversationEncoder:
+def build_encoder(data_cfg, assets: CheckpointAssets | str | Path, device=None) -> ConversationEncoder:
     """Text tokenizer + VQGAN encoder of the checkpoint, configured from ``data_cfg``."""
-    from chameleon_ft.model.checkpoint import load_tokenizer
-    from chameleon_ft.model.tokens import ChameleonTokens
-    from chameleon_ft.vq.vqgan import load_vqgan
-
+    assets = as_assets(assets)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = EncoderOptions(
-        layout=resolve_image_layout(data_cfg, checkpoint_dir),
+        layout=assets.image_layout(data_cfg.image_layout),
         image_size=int(data_cfg.image_size),
         buckets=bool(data_cfg.image_buckets),
-        label_mask=str(data_cfg.label_mask),
+        label_mask=label_mask(data_cfg),
         max_length=int(data_cfg.max_length),
         unconditional=True,  # cheap to store; lets cfg_dropout change without rebuilding the cache
     )
-    return ConversationEncoder(load_tokenizer(checkpoint_dir), ChameleonTokens.from_checkpoint(checkpoint_dir),
-                               load_vqgan(checkpoint_dir, device=device), opts)
+    return ConversationEncoder(assets.tokenizer, assets.tokens, assets.vqgan(device), opts)
 
 
-def tokenized_split(data_cfg, checkpoint_dir: str | Path, split: str, *, run_dir: str | Path | None = None,
+def tokenized_split(data_cfg, assets: CheckpointAssets | str | Path, split: str, *, run_dir: str | Path | None = None,
                     shard_size: int = 512, device=None, progress: bool = True) -> datasets.Dataset:
     """The tokenized ``split``, from the cache or built into it first.
 
@@ -197,11 +168,10 @@ def tokenized_split(data_cfg, checkpoint_dir: str | Path, split: str, *, run_dir
     """
     from filelock import FileLock
 
-    from chameleon_ft.data.config import canonical_split
-
     split = canonical_split(split)
-    key = cache_key(data_cfg, checkpoint_dir, split)
-    root = cache_root(data_cfg) / f"{data_cfg.name}-{split}-{key}"
+    assets = as_assets(assets)
+    key = cache_key(data_cfg, assets, split)
+    root = cache_root(data_cfg) / f"{data_cfg.format}-{split}-{key}"
     done = root / "DONE.json"
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
@@ -209,37 +179,37 @@ def tokenized_split(data_cfg, checkpoint_dir: str | Path, split: str, *, run_dir
             changed = changed_images(root / IMAGE_STAMPS)
             if changed:
                 log.warning("%s %s: %d image file(s) changed since the cache %s was built (e.g. %s); rebuilding it",
-                            data_cfg.name, split, len(changed), root, ", ".join(changed[:3]))
+                            data_cfg.format, split, len(changed), root, ", ".join(changed[:3]))
                 shutil.rmtree(root)
         if not done.exists():
-            _build(data_cfg, checkpoint_dir, split, root, shard_size, device, progress)
+            _build(data_cfg, assets, split, root, shard_size, device, progress)
     summary = json.loads(done.read_text())
     shards = [datasets.load_from_disk(str(root / "shards" / s)) for s in summary["shards"]]
     ds = datasets.concatenate_datasets(shards) if shards else datasets.Dataset.from_list([], features=FEATURES)
     report = summary["bad_samples"]
     if report["total_skipped"]:
         log.warning("%s %s: %d sample(s) were skipped when the cache was built (%s); report: %s",
-                    data_cfg.name, split, report["total_skipped"], report["counts"], root / "bad_samples.json")
+                    data_cfg.format, split, report["total_skipped"], report["counts"], root / "bad_samples.json")
         if run_dir is not None:
             dst = Path(run_dir) / f"bad_samples_{split}.json"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / "bad_samples.json", dst)
-    log.info("%s %s: %d tokenized samples from %s", data_cfg.name, split, len(ds), root)
+    log.info("%s %s: %d tokenized samples from %s", data_cfg.format, split, len(ds), root)
     return ds
 
 
-def _build(data_cfg, checkpoint_dir, split, root: Path, shard_size: int, device, progress: bool) -> None:
+def _build(data_cfg, assets: CheckpointAssets, split, root: Path, shard_size: int, device, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     policy = BadSamplePolicy(data_cfg.on_bad_sample)
     records = read_conversations(data_cfg, split, policy)
-    encoder = build_encoder(data_cfg, checkpoint_dir, device)
+    encoder = build_encoder(data_cfg, assets, device)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     # Stamped before encoding: an image changed during the build is caught at the next reuse.
     _write_json_atomic(root / IMAGE_STAMPS, image_stamps(record_image_paths(records)))
     n_shards = max(1, -(-len(records) // shard_size))
     names = []
-    bar = tqdm(total=len(records), desc=f"pre-tokenizing {data_cfg.name} {split}", disable=not progress)
+    bar = tqdm(total=len(records), desc=f"pre-tokenizing {data_cfg.format} {split}", disable=not progress)
     for s in range(n_shards):
         name = f"{s:05d}"
         names.append(name)
@@ -276,7 +246,7 @@ def _build(data_cfg, checkpoint_dir, split, root: Path, shard_size: int, device,
         bar.update(len(chunk))
     bar.close()
     policy.write_report(root / "bad_samples.json")
-    policy.log_summary(f"{data_cfg.name} {split}")
+    policy.log_summary(f"{data_cfg.format} {split}")
     tmp = root / "DONE.json.tmp"
     tmp.write_text(json.dumps({"shards": names, "bad_samples": policy.to_dict(), "read_skipped": policy.total}))
     os.replace(tmp, root / "DONE.json")

@@ -27,7 +27,6 @@ import datasets
 from chameleon_ft.data.errors import BadSampleError
 
 ROLES = ("system", "user", "assistant")
-TASKS = ("captioning", "vqa", "text_to_image", "chat")
 
 # Arrow schema of a canonical record. Given explicitly so that all-None columns (e.g. no in-memory image
 # anywhere) still have a type, and splits/shards can be concatenated.
@@ -58,8 +57,8 @@ class ImageRef:
             raise ValueError("ImageRef needs exactly one of path or data")
 
     def open(self, file: str = "<memory>", index: int = -1):
-        """Decode fully (see :func:`chameleon_ft.data.readers.open_image`); errors name ``file``/``index``."""
-        from chameleon_ft.data.readers import open_image
+        """Decode fully (see :func:`chameleon_ft.data.images.open_image`); errors name ``file``/``index``."""
+        from chameleon_ft.data.images import open_image
 
         return open_image(self.path if self.path is not None else self.data, file, index)
 
@@ -169,54 +168,3 @@ def validate_conversation(conv: Conversation, file: str | None = None, index: in
     if not any(t.role == "assistant" for t in conv.turns):
         raise BadSampleError(file, index, "no_assistant_turn", "the conversation has no assistant turn to learn")
     return conv
-
-
-# --- the single-image tasks, built the same way by every reader (and by the digits data) ---------------
-DEFAULT_CAPTION_PROMPT = "Describe the image briefly."
-DEFAULT_VQA_TEMPLATE = "{question}\nAnswer the question using a single word or phrase."
-# Lumina-mGPT's text-to-image prompt style
-DEFAULT_T2I_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
-
-
-def _template(template: str | None, default: str, required: str, what: str) -> str:
-    from chameleon_ft.data.errors import DataConfigError
-
-    template = default if template is None else template
-    if required and "{" + required + "}" not in template:
-        raise DataConfigError(f"data.prompt_template for {what} must contain {{{required}}}: {template!r}")
-    return template
-
-
-def captioning_conversation(image: ImageRef, caption: str, *, prompt: str | None = None,
-                            meta: dict | None = None, source: str = "", index: int = -1) -> Conversation:
-    """user: [image, instruction]; assistant: [caption]. ``meta["references"]`` defaults to ``[caption]``."""
-    meta = dict(meta or {})
-    meta.setdefault("references", [caption])
-    user = Turn("user", [Segment(image=image), Segment.of_text(DEFAULT_CAPTION_PROMPT if prompt is None else prompt)])
-    return Conversation([user, Turn("assistant", [Segment.of_text(caption)])], "captioning", meta, source, index)
-
-
-def vqa_conversation(image: ImageRef, question: str, answer: str, *, template: str | None = None,
-                     meta: dict | None = None, source: str = "", index: int = -1) -> Conversation:
-    """user: [image, template(question)]; assistant: [answer]. ``meta["answers"]`` defaults to ``[answer]``."""
-    meta = dict(meta or {})
-    meta.setdefault("answers", [answer])
-    meta.setdefault("question", question)
-    text = _template(template, DEFAULT_VQA_TEMPLATE, "question", "vqa").format(question=question)
-    user = Turn("user", [Segment(image=image), Segment.of_text(text)])
-    return Conversation([user, Turn("assistant", [Segment.of_text(answer)])], "vqa", meta, source, index)
-
-
-def text_to_image_conversation(prompt: str, image: ImageRef, *, width: int, height: int,
-                               template: str | None = None, meta: dict | None = None, source: str = "",
-                               index: int = -1) -> Conversation:
-    """user: [template(prompt, width, height)]; assistant: [image].
-
-    ``meta["prompt"]`` and ``meta["prompt_template"]`` keep the parts, so tokenization can re-render the
-    prompt when the image ends up at another size (aspect buckets) or drop it (classifier-free guidance).
-    """
-    tmpl = _template(template, DEFAULT_T2I_TEMPLATE, "prompt", "text_to_image")
-    meta = dict(meta or {})
-    meta.update(prompt=prompt, prompt_template=tmpl)
-    user = Turn("user", [Segment.of_text(tmpl.format(prompt=prompt, width=width, height=height))])
-    return Conversation([user, Turn("assistant", [Segment(image=image)])], "text_to_image", meta, source, index)

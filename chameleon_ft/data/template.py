@@ -6,7 +6,7 @@ others can be added.
 
 Label masks decide which tokens are learned (everything else is -100):
 
-- ``assistant`` (also ``caption``/``answer``): assistant text, the assistant's end-of-turn token, and
+- ``assistant``: assistant text, the assistant's end-of-turn token, and
   every image inside an assistant turn in full (begin-image, size tokens, codes, row ends, end-image);
 - ``image``: only the image spans of assistant turns, end-image included (text-to-image);
 - ``all``: every token after ``<s>``.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from chameleon_ft.model.loss import IGNORE_INDEX
 from chameleon_ft.model.tokens import ChameleonTokens
 
-LABEL_MASKS = ("assistant", "caption", "answer", "image", "all")
+LABEL_MASKS = ("assistant", "image", "all")
 
 
 @dataclass

@@ -18,8 +18,7 @@ from chameleon_ft.data.sample import Conversation
 from chameleon_ft.data.template import Piece, TokenizedTurn, get_template
 from chameleon_ft.model.loss import IGNORE_INDEX
 from chameleon_ft.model.tokens import ChameleonTokens
-
-IMAGE_TASKS = ("captioning", "vqa", "text_to_image")
+from chameleon_ft.tasks import get_task, task_names
 
 
 @dataclass
@@ -34,15 +33,26 @@ class EncoderOptions:
 
 
 class ConversationEncoder:
-    """Tokenize canonical records in batches; images are encoded together on the VQGAN's device."""
+    """Tokenize canonical records in batches; images are encoded together on the VQGAN's device.
+
+    ``vqgan`` is the VQGAN or a function that loads it, called on the first image (text-only use, such as
+    generating from a text prompt, never loads it).
+    """
 
     def __init__(self, text_tokenizer, tokens: ChameleonTokens, vqgan, options: EncoderOptions):
-        self.text_tokenizer, self.tokens, self.vqgan, self.opt = text_tokenizer, tokens, vqgan, options
+        self.text_tokenizer, self.tokens, self.opt = text_tokenizer, tokens, options
+        self._vqgan = vqgan
         self.template = get_template(options.template, tokens)
         if options.buckets:
             from chameleon_ft.vq.preprocess import lumina_buckets
 
             self.buckets = lumina_buckets(options.image_size)
+
+    @property
+    def vqgan(self):
+        if callable(self._vqgan) and not isinstance(self._vqgan, torch.nn.Module):
+            self._vqgan = self._vqgan()
+        return self._vqgan
 
     # -- images ------------------------------------------------------------------------------------
     def _prepare_image(self, img):
@@ -77,41 +87,56 @@ class ConversationEncoder:
     def _text_ids(self, text: str) -> list[int]:
         return self.text_tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _open_and_encode(self, convs: list[Conversation], *, samples: bool = True,
+                         ) -> list[list[torch.Tensor] | BadSampleError]:
+        """Per conversation: the VQ codes of its images (encoded together, batched by size), or its error.
+
+        ``samples``: these are training samples, which must carry an image when their task needs one.
+        """
+        opened: list[list | BadSampleError] = []
+        for conv in convs:
+            try:
+                if samples and conv.task in task_names() and get_task(conv.task).needs_image and not conv.images:
+                    raise BadSampleError(conv.source, conv.index, "text_only", f"a {conv.task} sample needs an image")
+                opened.append([ref.open(conv.source, conv.index) for ref in conv.images])
+            except BadSampleError as err:
+                opened.append(err)
+        flat = [im for imgs in opened if not isinstance(imgs, BadSampleError) for im in imgs]
+        codes_flat = iter(self.encode_images(flat) if flat else [])
+        return [imgs if isinstance(imgs, BadSampleError) else [next(codes_flat) for _ in imgs] for imgs in opened]
+
     def encode_batch(self, records: list[dict]) -> list[dict | BadSampleError]:
         """Encode canonical records; a bad one yields its :class:`BadSampleError` instead of a sample."""
-        convs, opened, results = [], [], [None] * len(records)
-        for k, rec in enumerate(records):
-            conv = Conversation.from_record(rec)
+        convs = [Conversation.from_record(rec) for rec in records]
+        results: list[dict | BadSampleError] = []
+        for conv, codes in zip(convs, self._open_and_encode(convs), strict=True):
             try:
-                if conv.task in IMAGE_TASKS and not conv.images:
-                    raise BadSampleError(conv.source, conv.index, "text_only", f"a {conv.task} sample needs an image")
-                imgs = [ref.open(conv.source, conv.index) for ref in conv.images]
+                results.append(codes if isinstance(codes, BadSampleError) else self._encode_one(conv, codes))
             except BadSampleError as err:
-                results[k] = err
-                continue
-            convs.append((k, conv))
-            opened.append(imgs)
-        flat = [im for imgs in opened for im in imgs]
-        codes_flat = self.encode_images(flat) if flat else []
-        pos = 0
-        for (k, conv), imgs in zip(convs, opened):
-            codes = codes_flat[pos : pos + len(imgs)]
-            pos += len(imgs)
-            try:
-                results[k] = self._encode_one(conv, codes)
-            except BadSampleError as err:
-                results[k] = err
-        return results  # type: ignore[return-value]
+                results.append(err)
+        return results
+
+    def encode_prompts(self, convs: list[Conversation]) -> list[list[int]]:
+        """The generation prompt of each conversation (its turns, then the assistant's turn opens): exactly
+        the ``prompt_ids`` a training sample with these turns has. Raises the first sample's error."""
+        out = []
+        for conv, codes in zip(convs, self._open_and_encode(convs, samples=False), strict=True):
+            if isinstance(codes, BadSampleError):
+                raise codes
+            turns, _ = self._tokenized_turns(conv, codes)
+            out.append(self.template.prompt(turns))
+        return out
 
     def _image_piece(self, codes: torch.Tensor) -> Piece:
         h, w = codes.shape
         ds = self.vqgan.config.downsample
         return Piece(image_to_ids(codes, self.tokens, self.opt.layout, pixel_size=(h * ds, w * ds)), is_image=True)
 
-    def _encode_one(self, conv: Conversation, codes: list[torch.Tensor]) -> dict:
+    def _tokenized_turns(self, conv: Conversation, codes: list[torch.Tensor]) -> tuple[list[TokenizedTurn], list[Piece]]:
+        """The turns as token pieces, and the image pieces of assistant turns."""
         it = iter(codes)
         turns, image_pieces = [], []
-        meta = dict(conv.meta)
+        meta = conv.meta
         for turn in conv.turns:
             pieces = []
             for seg in turn.segments:
@@ -122,14 +147,18 @@ class ConversationEncoder:
                         image_pieces.append(piece)
                 else:
                     text = seg.text
-                    # Text-to-image prompts name the size: re-render it for the size actually used.
-                    if conv.task == "text_to_image" and turn.role == "user" and "prompt_template" in meta and codes:
+                    # Prompts that name the image size (text-to-image) are re-rendered for the size actually used.
+                    if turn.role == "user" and "prompt_template" in meta and "prompt" in meta and codes:
                         h, w = codes[-1].shape
                         ds = self.vqgan.config.downsample
                         text = meta["prompt_template"].format(prompt=meta["prompt"], width=w * ds, height=h * ds)
                     if text:
                         pieces.append(Piece(self._text_ids(text)))
             turns.append(TokenizedTurn(turn.role, pieces))
+        return turns, image_pieces
+
+    def _encode_one(self, conv: Conversation, codes: list[torch.Tensor]) -> dict:
+        turns, image_pieces = self._tokenized_turns(conv, codes)
         enc = self.template.encode(turns, self.opt.label_mask)
         if len(enc.input_ids) > self.opt.max_length:
             raise BadSampleError(conv.source, conv.index, "too_long",
@@ -145,7 +174,7 @@ class ConversationEncoder:
             "prompt_ids": enc.input_ids[: enc.prompt_len],
             "target": last.text if last is not None else "",
             "task": conv.task,
-            "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True),
+            "meta": json.dumps(conv.meta, ensure_ascii=False, sort_keys=True),
             "source": conv.source,
             "index": conv.index,
             "uncond_input_ids": [],

@@ -1,9 +1,9 @@
 """Evaluate a checkpoint (+ adapter) on a tokenized split: the task's metrics, written as JSON.
 
-- ``vqa``: answers generated greedily from ``prompt_ids``; VQAv2 accuracy and exact match.
-- ``captioning``: captions generated greedily; BLEU-4 and CIDEr-D.
-- ``text_to_image``: teacher-forced on the held-out (prompt, image) pairs: image-token accuracy (argmax over
-  the image codes at every code position of the target image) and image-token perplexity.
+- text tasks (``vqa``, ``captioning``, ``chat``): answers generated greedily from ``prompt_ids`` and scored
+  by the task (VQAv2 accuracy; BLEU-4, CIDEr-D; exact match);
+- image tasks (``text_to_image``): teacher-forced on the held-out (prompt, image) pairs: image-token
+  accuracy (argmax over the image codes at every code position of the target image) and image perplexity;
 - every task: teacher-forced ``loss`` / ``perplexity`` over all target tokens.
 
 The split comes from :func:`chameleon_ft.data.pipeline.tokenized_split` (columns ``input_ids``, ``labels``,
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from chameleon_ft.evaluation.metrics import MetricInputError, caption_metrics, exact_match, vqa_accuracy
+from chameleon_ft.errors import DataError
+from chameleon_ft.evaluation.metrics import MetricInputError
 from chameleon_ft.model.loss import IGNORE_INDEX
+from chameleon_ft.model.modeling import image_logits_unmasked
 from chameleon_ft.model.tokens import ChameleonTokens
-
-GENERATION_TASKS = ("vqa", "captioning", "chat")
-TASKS = GENERATION_TASKS + ("text_to_image",)
+from chameleon_ft.tasks import get_task
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DataError):
     """The split, its metadata or the task cannot be evaluated."""
 
 
@@ -44,41 +44,29 @@ def _meta(meta) -> dict:
 
 def evaluate_predictions(task: str, preds: Sequence[str], metas: Sequence[dict | str],
                          targets: Sequence[str] | None = None) -> dict[str, float]:
-    """Metrics of generated ``preds`` against each sample's references.
+    """Metrics of generated ``preds`` against each sample's references, scored by the task.
 
-    ``vqa``: ``meta["answers"]`` (human answers; else ``[target]``) -> ``vqa_accuracy``, ``exact_match``.
-    ``captioning``: ``meta["references"]`` (else ``[target]``) -> ``bleu4``, ``cider``, ``exact_match``.
-    ``chat``: ``exact_match`` against ``target``.
+    The references are ``meta[task.reference_key]`` (VQA ``answers``, caption ``references``), else the
+    sample's ``target`` text.
     """
-    if task not in GENERATION_TASKS:
-        raise EvaluationError(f"task {task!r} has no generation metrics; choose one of {GENERATION_TASKS}")
+    t = get_task(task)
+    if t.score is None:
+        raise EvaluationError(f"task {task!r} has no generation metrics")
     if len(preds) != len(metas) or (targets is not None and len(targets) != len(preds)):
         raise EvaluationError(f"{len(preds)} predictions, {len(metas)} metas, "
                               f"{len(targets) if targets is not None else '-'} targets: they must align")
     metas = [_meta(m) for m in metas]
     targets = list(targets) if targets is not None else [None] * len(preds)
-
-    def refs(key: str) -> list[list[str]]:
-        out = []
-        for i, (m, t) in enumerate(zip(metas, targets)):
-            r = m.get(key)
-            if r is None:
-                if t is None:
-                    raise EvaluationError(f"sample {i}: meta has no {key!r} and no target was given")
-                r = [t]
-            out.append([r] if isinstance(r, str) else list(r))
-        return out
-
+    refs = []
+    for i, (m, target) in enumerate(zip(metas, targets)):
+        r = m.get(t.reference_key) if t.reference_key else None
+        if r is None:
+            if target is None:
+                raise EvaluationError(f"sample {i}: meta has no {t.reference_key or 'reference'!r} and no target was given")
+            r = [target]
+        refs.append([r] if isinstance(r, str) else list(r))
     try:
-        if task == "vqa":
-            answers = refs("answers")
-            return {"vqa_accuracy": vqa_accuracy(preds, answers), "exact_match": exact_match(preds, answers)}
-        if task == "captioning":
-            references = refs("references")
-            return {**caption_metrics(preds, references), "exact_match": exact_match(preds, references)}
-        if any(t is None for t in targets):
-            raise EvaluationError("chat: exact match needs the targets")
-        return {"exact_match": exact_match(preds, targets)}
+        return t.score(preds, refs)
     except MetricInputError as e:
         raise EvaluationError(str(e)) from e
 
@@ -96,8 +84,6 @@ def teacher_forced_metrics(model, tokens: ChameleonTokens, samples: Sequence[dic
     """``loss``/``perplexity`` over all target tokens and, where targets hold image codes,
     ``image_token_accuracy`` (argmax over image codes == target code) and ``image_perplexity``
     (full-vocabulary cross-entropy on the code targets), with image logits unmasked."""
-    from chameleon_ft.generation.generate import image_logits_unmasked
-
     device = next(model.parameters()).device
     image_ids = tokens.image_token_ids.to(device)
     is_image = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
@@ -142,14 +128,13 @@ def evaluate_split(model, tokens: ChameleonTokens, tokenizer, samples, task: str
     """Metrics for ``task`` on ``samples`` (a tokenized split or a list of its rows) and the predictions."""
     from chameleon_ft.generation.generate import generate_text
 
-    if task not in TASKS:
-        raise EvaluationError(f"task {task!r}: choose one of {TASKS}")
+    t = get_task(task)
     rows = [samples[i] for i in range(len(samples) if max_samples is None else min(max_samples, len(samples)))]
     if not rows:
         raise EvaluationError("the split is empty")
     metrics = teacher_forced_metrics(model, tokens, rows, batch_size=batch_size)
     predictions = []
-    if task in GENERATION_TASKS:
+    if t.output == "text" and t.score is not None:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             outs = generate_text(model, tokens, tokenizer, [r["prompt_ids"] for r in chunk],
@@ -162,57 +147,55 @@ def evaluate_split(model, tokens: ChameleonTokens, tokenizer, samples, task: str
     return metrics, predictions
 
 
-def evaluate(cfg, *, adapter: str | None = None, split: str = "validation", output: str | Path = "metrics.json",
-             checkpoint: str | None = None) -> dict[str, float]:
-    """Load ``cfg.model`` (+ ``adapter``), tokenize ``split`` of ``cfg.data``, write metrics JSON to ``output``
-    (predictions beside it as ``<output stem>.predictions.jsonl``)."""
+def data_config_as_trained(data_cfg, settings, explicit: set[str]):
+    """``data_cfg`` with the settings the model was trained with (prompt template, image layout and size,
+    buckets, label mask), except keys the user set explicitly (``explicit``: ``data.<key>`` names), which
+    win with a warning when they differ."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    log = logging.getLogger(__name__)
+    data = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+    if settings is None:
+        return data
+    for key in ("prompt_template", "image_layout", "image_size", "image_buckets", "label_mask"):
+        trained = getattr(settings, key)
+        if f"data.{key}" in explicit:
+            if data[key] != trained:
+                log.warning("data.%s=%r differs from the %r the model was trained with: prompts or image tokens "
+                            "then differ from training", key, data[key], trained)
+            continue
+        data[key] = trained
+    return data
+
+
+def evaluate(cfg, *, adapter: str | None = None, split: str = "val", output: str | Path | None = None,
+             explicit: set[str] = frozenset()) -> tuple[dict[str, float], Path]:
+    """Load ``cfg.model`` (+ ``adapter``), tokenize ``split`` of ``cfg.data`` as the model was trained
+    (:func:`data_config_as_trained`), write the metrics JSON to ``output`` (default: ``eval-<split>.json``
+    in the adapter's run directory, else in the current directory) with the predictions beside it as
+    ``<output stem>.predictions.jsonl``. Returns the metrics and the path written."""
     from chameleon_ft.data.pipeline import tokenized_split
-    from chameleon_ft.generation.generate import load_for_generation, resolve_device_dtype
-    from chameleon_ft.model.checkpoint import load_tokenizer
+    from chameleon_ft.generation.generate import Generator, trained_settings
+    from chameleon_ft.tiny import resolve_checkpoint
 
-    checkpoint = checkpoint or cfg.model.path
-    if checkpoint is None:
-        from chameleon_ft.tiny import tiny_checkpoint
-
-        checkpoint = str(tiny_checkpoint(cfg.model.get("tiny_layout", "grouped")))
-    device, dtype = resolve_device_dtype("auto", "auto" if cfg.model.dtype == "auto" else cfg.model.dtype)
-    model = load_for_generation(checkpoint, adapter, dtype=dtype, device=device)
-    tokens = ChameleonTokens.from_checkpoint(checkpoint)
-    data = tokenized_split(cfg.data, str(checkpoint), split)
-    metrics, preds = evaluate_split(model, tokens, load_tokenizer(checkpoint), data, cfg.task,
-                                    batch_size=int(cfg.data.get("eval_batch_size", 4) or 4),
+    assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
+    settings = trained_settings(assets, adapter) if adapter is not None or (assets.path / "chameleon_ft.json").exists() else None
+    data = data_config_as_trained(cfg.data, settings, explicit)
+    dtype = "auto" if cfg.model.dtype == "auto" else cfg.model.dtype
+    gen = Generator(assets, adapter, settings=settings or trained_settings(assets), dtype=dtype)
+    rows = tokenized_split(data, assets, split)
+    metrics, preds = evaluate_split(gen.model, assets.tokens, assets.tokenizer, rows, cfg.task,
+                                    batch_size=int(data.eval_batch_size or 4),
                                     max_new_tokens=int(cfg.eval.max_new_tokens), max_samples=cfg.eval.max_samples)
+    if output is None:
+        output = (Path(adapter).parent if adapter is not None else Path.cwd()) / f"eval-{split}.json"
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    record = {"task": cfg.task, "split": split, "checkpoint": str(checkpoint), "adapter": adapter, "metrics": metrics}
+    record = {"task": cfg.task, "split": split, "checkpoint": str(assets.path), "adapter": adapter, "metrics": metrics}
     output.write_text(json.dumps(record, indent=2))
     if preds:
         output.with_name(output.stem + ".predictions.jsonl").write_text(
             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
-    return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m chameleon_ft.evaluate [--adapter DIR] [--split NAME] [--output FILE] recipe=NAME [overrides]``.
-
-    Flags are read with argparse; everything else is a Hydra override composed exactly like training
-    (the recipe chooses task and data; ``model.path=`` the checkpoint, base or merged).
-    """
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m chameleon_ft.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", default=None, help="adapter directory (PEFT LoRA and/or image rows)")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--output", default="metrics.json")
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    from chameleon_ft.config.store import ConfigKeyError, compose
-
-    try:
-        cfg = compose(overrides)
-        metrics = evaluate(cfg, adapter=args.adapter, split=args.split, output=args.output)
-    except (ConfigKeyError, EvaluationError, ValueError) as e:
-        print(f"evaluate failed: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics, indent=2))
-    return 0
+    return metrics, output

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from chameleon_ft.errors import ChameleonFTError
+
 # --- VQAv2 answer normalisation (rules of the official vqaEval.py) ------------------------------------------
 
 # Punctuation the official script strips or turns into spaces. Note: no apostrophe, no period (handled apart).
@@ -56,7 +58,7 @@ _CONTRACTIONS = {
 }
 
 
-class MetricInputError(ValueError):
+class MetricInputError(ChameleonFTError, ValueError):
     """Predictions and references do not line up, or a reference set is empty."""
 
 

@@ -1,7 +1,5 @@
-"""``python -m chameleon_ft.export ...`` is the merge command (see :mod:`chameleon_ft.export.merge`)."""
+"""``python -m chameleon_ft.export ...`` is the merge command (see :mod:`chameleon_ft.merge`)."""
 
-import sys
+from chameleon_ft.merge import main
 
-from chameleon_ft.export.merge import main
-
-sys.exit(main())
+main()

@@ -1,4 +1,4 @@
-"""Typed config of ``python -m chameleon_ft.generate`` (Hydra structured config ``generate_config``)."""
+"""Typed config of ``python -m chameleon_ft.generate`` (Hydra structured config ``generate``)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,27 @@ from typing import Optional
 
 @dataclass
 class GenerateConfig:
-    """What to load, what to read, how to decode. Override on the command line as ``key=value``."""
+    """What to load, what to read, how to decode. Override on the command line as ``key=value``.
+
+    ``task``, ``prompt_template``, ``image_layout`` and ``image_size`` default to what the adapter (or
+    merged model) was trained with (its ``chameleon_ft.json``); setting one that differs warns.
+    """
 
     mode: str = "text"  # text (answers / captions) | image (text-to-image)
     # Base or merged checkpoint directory; None: the embedded tiny checkpoint.
     model: Optional[str] = None
-    adapter: Optional[str] = None  # adapter directory (PEFT LoRA and/or image_rows.safetensors)
+    adapter: Optional[str] = None  # adapter directory written by training (<run dir>/adapter)
     input: Optional[str] = None  # JSONL of {"prompt": str, "image": path?} (text) or {"prompt": str} (image)
     output: str = "generations"  # directory: outputs.jsonl (+ NNNNN.png for images)
-    image_root: Optional[str] = None
-    # Side of the square input images fed to the VQGAN; None: the VQGAN's own resolution (512 for Chameleon).
-    image_size: Optional[int] = None  # relative image paths in the input are resolved against this
+    image_root: Optional[str] = None  # relative image paths in the input are resolved against this
+    task: Optional[str] = None  # how a request's prompt becomes the user turn (vqa: its question template...)
+    prompt_template: Optional[str] = None
+    image_layout: Optional[str] = None  # lumina | chameleon: token layout of images (prompt and output)
+    image_size: Optional[int] = None  # side input images are encoded at
     batch_size: int = 4
     seed: int = 0
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    image_layout: str = "lumina"  # lumina | chameleon: token layout of images (prompt and output)
     # Text answers / captions.
     max_new_tokens: int = 64
     do_sample: bool = False  # False: greedy

@@ -23,13 +23,14 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
-from chameleon_ft.data.image_layout import LAYOUTS
+from chameleon_ft.data.image_layout import LAYOUTS, image_span_length
+from chameleon_ft.errors import ConfigError
 from chameleon_ft.model.tokens import ChameleonTokens
 
 NEG_INF = float("-inf")
 
 
-class GenerationConfigError(ValueError):
+class GenerationConfigError(ConfigError):
     """Invalid arguments for an image-generation logits processor."""
 
 
@@ -99,9 +100,7 @@ class ImageGridLogitsProcessor(LogitsProcessor):
     @property
     def image_length(self) -> int:
         """Tokens of the whole image span, ``boi`` and ``eoi`` included."""
-        if self.layout == "lumina":
-            return self.h * (self.w + 1) + 4
-        return self.h * self.w + 2
+        return image_span_length(self.h, self.w, self.layout)
 
     def forced_token(self, offset: torch.Tensor, image_done: torch.Tensor) -> torch.Tensor:
         """Per row: the single allowed id, or -1 where any image code is allowed (see the class docstring)."""

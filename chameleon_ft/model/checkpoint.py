@@ -22,15 +22,16 @@ from safetensors.torch import save_file
 from transformers import ChameleonConfig
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
+from chameleon_ft.errors import CheckpointError
 from chameleon_ft.model.modeling import FT_CONFIG_DEFAULTS, ChameleonFTForCausalLM
 from chameleon_ft.model.qk_norm import expand_qk_norm, group_qk_norm
 from chameleon_ft.model.tokens import ChameleonTokens
+from chameleon_ft.vq.vqgan import VQ_PREFIX
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-VQ_PREFIX = "model.vqmodel."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 LAYOUTS = ("grouped", "expanded")
 
@@ -42,8 +43,6 @@ _DTYPES = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing files, has unexpected tensors, or cannot be converted."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,18 +266,15 @@ def load_model(
     return model.eval()
 
 
-def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
-    """Group tensor names, in order, into shards of at most ``max_shard_bytes`` (one oversized tensor alone)."""
-    shards, cur, cur_size = [], [], 0
-    for name, size in sizes.items():
-        if cur and cur_size + size > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_size = [], 0
-        cur.append(name)
-        cur_size += size
-    if cur:
-        shards.append(cur)
-    return shards
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int | str) -> dict[str, list[str]]:
+    """Shard file name -> tensor names, from tensor byte sizes alone (no tensor data is needed), by
+    huggingface_hub's splitter: in order, each shard at most ``max_shard_bytes`` (``"5GB"`` accepted), an
+    oversized tensor alone; a single shard is ``model.safetensors``."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory(sizes, get_storage_size=int, max_shard_size=max_shard_bytes,
+                                                 filename_pattern="model{suffix}.safetensors")
+    return split.filename_to_tensors
 
 
 def save_state_dict(
@@ -336,13 +332,12 @@ def save_state_dict(
     return finish_checkpoint_dir(tmp, out_dir, config, layout=layout, source_dir=source_dir)
 
 
-def write_shards(tmp: Path, shards: list[list[str]], make_chunk) -> None:
-    """Write ``shards`` (lists of tensor names) into ``tmp`` as safetensors files, plus the index when
-    there is more than one. ``make_chunk(names)`` returns that shard's ``{name: tensor}``, so only one
-    shard is in memory at a time."""
+def write_shards(tmp: Path, shards: dict[str, list[str]], make_chunk) -> None:
+    """Write ``shards`` (file name -> tensor names, from :func:`plan_shards`) into ``tmp`` as safetensors
+    files, plus the index when there is more than one. ``make_chunk(names)`` returns that shard's
+    ``{name: tensor}``, so only one shard is in memory at a time."""
     weight_map, total = {}, 0
-    for i, names in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else SINGLE_FILE
+    for fname, names in shards.items():
         chunk = make_chunk(names)
         save_file(chunk, str(tmp / fname), metadata={"format": "pt"})
         for n, t in chunk.items():

@@ -11,6 +11,7 @@ State-dict keys equal stock ones, so PEFT adapters trained here load onto stock 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,30 @@ def ft_option(config: ChameleonConfig, key: str):
     """Read one of the fine-tuning options from ``config`` with its default."""
     value = getattr(config, key, None)
     return FT_CONFIG_DEFAULTS[key] if value is None else value
+
+
+@contextlib.contextmanager
+def image_logits_unmasked(model):
+    """Temporarily turn off the image-token logit masking (to generate or score image tokens)."""
+    old = getattr(model.config, "mask_image_logits", None)
+    model.config.mask_image_logits = False
+    try:
+        yield model
+    finally:
+        model.config.mask_image_logits = old
+
+
+def output_weight(head: nn.Module) -> torch.Tensor:
+    """The matrix ``head`` (the LM head) multiplies by, adapters included.
+
+    The fused loss multiplies by the weight itself instead of calling the module. PEFT's trainable-token
+    layer applies its replacement rows only inside ``forward``, so its ``weight`` is the base one; ask it
+    for the merged weight instead.
+    """
+    merged = getattr(head, "get_merged_weights", None)
+    if callable(merged) and not getattr(head, "merged", False) and not getattr(head, "disable_adapters", False):
+        return merged(head.active_adapters)
+    return head.weight
 
 
 class ChameleonFTDecoderLayer(ChameleonDecoderLayer):
@@ -174,7 +199,7 @@ class ChameleonFTForCausalLM(ChameleonForConditionalGeneration):
         if labels is not None:
             sums = fused_lm_loss(
                 hidden,
-                self.lm_head.weight,
+                output_weight(self.lm_head),
                 labels,
                 z_loss_weight=float(ft_option(self.config, "z_loss_weight")),
                 chunk_size=int(ft_option(self.config, "loss_chunk_size")),

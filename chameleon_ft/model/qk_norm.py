@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chameleon_ft.errors import CheckpointError
 
-class QKNormLayoutError(ValueError):
+
+class QKNormLayoutError(CheckpointError):
     """q/k-norm tensors cannot be converted between layouts (shape mismatch or unequal groups)."""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from chameleon_ft.errors import CheckpointError
+
 IMAGE_TOKEN_PREFIX = "IMGIMG"
 # Lumina-mGPT's size tokens are <reserved{8800 + pixels // 32}>; row end is <reserved08799>.
 SIZE_TOKEN_BASE = 8800
@@ -30,7 +32,7 @@ NAMES = {
 }
 
 
-class VocabularyError(ValueError):
+class VocabularyError(CheckpointError):
     """A checkpoint's vocabulary lacks a token the toolkit needs, or is malformed."""
 
 

@@ -69,9 +69,11 @@ def _fsync(path: Path) -> None:
 
 
 class AtomicCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` every ``every_n_steps`` optimizer steps, written atomically, last ``keep_last`` kept.
+    """``ModelCheckpoint`` every ``every_n_steps`` optimizer steps, written atomically.
 
-    ``on_saved(trainer, module)`` runs on every rank after each complete checkpoint.
+    The last ``keep_last`` are kept by Lightning's own top-k bookkeeping, ranking checkpoints by ``step``
+    (``keep_last <= 0`` keeps all). ``on_saved(trainer, module)`` runs on every rank after each complete
+    checkpoint.
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last: int = 2, on_saved=None):
@@ -80,11 +82,12 @@ class AtomicCheckpoint(ModelCheckpoint):
             filename="step-{step:08d}",
             auto_insert_metric_name=False,
             every_n_train_steps=int(every_n_steps),
-            save_top_k=-1,
+            monitor="step",
+            mode="max",
+            save_top_k=int(keep_last) if int(keep_last) > 0 else -1,
             save_last=False,
             enable_version_counter=False,
         )
-        self.keep_last = int(keep_last)
         # Called on every rank after each complete save (e.g. exporting the adapter; may be collective).
         self.on_saved = on_saved
 
@@ -108,7 +111,7 @@ class AtomicCheckpoint(ModelCheckpoint):
                 _remove(old)
             else:
                 os.replace(tmp, final)
-            self._prune(final.parent)
+            self._remove_partials(final.parent)
         strategy.barrier("checkpoint_renamed")
         if self.on_saved is not None:
             self.on_saved(trainer, trainer.lightning_module)
@@ -118,13 +121,10 @@ class AtomicCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def _prune(self, ckpt_dir: Path) -> None:
+    def _remove_partials(self, ckpt_dir: Path) -> None:
+        """Leftovers of a save that was killed before the newest complete one."""
         done = list_checkpoints(ckpt_dir)
         newest = checkpoint_step(done[-1]) if done else None
-        if self.keep_last > 0:
-            for old in done[: -self.keep_last]:
-                _remove(old)
-        # Leftovers of a save that was killed before the newest complete one.
         for p in ckpt_dir.glob(f"*{PARTIAL_SUFFIX}"):
             step = checkpoint_step(p.name[: -len(PARTIAL_SUFFIX)])
             if newest is not None and step is not None and step < newest:

@@ -88,7 +88,7 @@ def trainer_progress(trainer) -> Callable[[], tuple[int, int]]:
     return fn
 
 
-def build_dataloaders(cfg, checkpoint_dir: str, *, world_size: int, rank: int, run_dir=None):
+def build_dataloaders(cfg, assets, *, world_size: int, rank: int, run_dir=None):
     """Train and validation loaders from ``cfg.data``: cached tokenized splits, seeded length-grouped
     batches (each rank takes its share), classifier-free-guidance dropout, and optional packing.
 
@@ -97,14 +97,14 @@ def build_dataloaders(cfg, checkpoint_dir: str, *, world_size: int, rank: int, r
     from chameleon_ft.data.collator import ConversationCollator, PackedRows, pack_by_length
     from chameleon_ft.data.pipeline import TrainingSamples, tokenized_split
     from chameleon_ft.data.sampler import LengthGroupedBatchSampler
-    from chameleon_ft.model.tokens import ChameleonTokens
+    from chameleon_ft.model.assets import as_assets
 
+    assets = as_assets(assets)
     data = cfg.data
-    tokens = ChameleonTokens.from_checkpoint(checkpoint_dir)
-    collate = ConversationCollator(pad_id=tokens.pad, max_length=int(data.max_length))
+    collate = ConversationCollator(pad_id=assets.tokens.pad, max_length=int(data.max_length))
     loaders = []
     for split, bs, train in (("train", data.batch_size, True), ("val", data.eval_batch_size, False)):
-        samples = TrainingSamples(tokenized_split(data, checkpoint_dir, split, run_dir=run_dir),
+        samples = TrainingSamples(tokenized_split(data, assets, split, run_dir=run_dir),
                                   cfg_dropout=float(data.cfg_dropout) if train else 0.0, seed=int(cfg.seed))
         dataset, lengths = samples, samples.lengths
         if data.packing and train:

@@ -7,8 +7,8 @@ Two paths, same result:
   safetensors files one at a time and each rank keeps only its own shard
   (``distribute_tensor(..., src_data_rank=None)`` slices locally, no communication). No rank ever holds
   more than one full tensor beside its shards.
-New parameters (LoRA A/B, image-row deltas) are initialised from a generator seeded by ``(seed, name)``
-on the full shape, so both paths and every world size start from identical weights.
+New LoRA weights are initialised from a generator seeded by ``(seed, name)`` on the full shape, and
+image-token deltas from their base rows, so both paths and every world size start from identical weights.
 """
 
 from __future__ import annotations
@@ -22,39 +22,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chameleon_ft.model.checkpoint import (
-    VQ_PREFIX,
-    CheckpointError,
-    iter_tensors,
-    load_config,
-    load_model,
-    tensor_shapes,
-    to_layout,
-)
+from chameleon_ft.adapter import attach_adapters, base_model, base_weight_name, clean_name, reset_token_deltas_
+from chameleon_ft.adapter.attach import TOKEN_DELTA, zero_image_lm_head_
+from chameleon_ft.errors import CheckpointError
+from chameleon_ft.model.checkpoint import iter_tensors, load_config, load_model, tensor_shapes, to_layout
 from chameleon_ft.model.modeling import ChameleonFTForCausalLM
-from chameleon_ft.training.adapters import (
-    ImageRowsEmbedding,
-    ImageRowsLinear,
-    _causal_lm,
-    apply_peft,
-    base_weight_name,
-    clean_name,
-    zero_image_lm_head_,
-    zero_image_rows_,
-)
+from chameleon_ft.model.tensors import resolve_dtype
+from chameleon_ft.vq.vqgan import VQ_PREFIX
 
 log = logging.getLogger(__name__)
 
 
 def resolve_base_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Dtype of the frozen base: ``auto`` is bf16 on GPU, fp32 on CPU."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in names:
-        raise ValueError(f"model.dtype={dtype!r}: use auto, float32 or bfloat16")
-    return names[dtype]
+    return resolve_dtype(dtype, device, what="model.dtype")
 
 
 def config_overrides(model_cfg) -> dict:
@@ -75,13 +56,14 @@ def _name_seed(seed: int, name: str) -> int:
 def new_parameter_value(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     """Initial value (fp32, CPU, full shape) of a parameter that is not in the base checkpoint.
 
-    LoRA A: Kaiming-uniform (a=sqrt(5)), PEFT's default; LoRA B and image-row deltas: zeros.
+    LoRA A: Kaiming-uniform (a=sqrt(5)), PEFT's default; LoRA B: zeros. (Image-token deltas start from
+    their base rows: :func:`chameleon_ft.adapter.reset_token_deltas_`.)
     """
     if ".lora_A." in name:
         gen = torch.Generator().manual_seed(_name_seed(seed, name))
         bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, in]
         return (torch.rand(shape, generator=gen) * 2 - 1) * bound
-    if ".lora_B." in name or "image_rows_delta" in name or ".lora_embedding_B" in name:
+    if ".lora_B." in name or ".lora_embedding_B" in name:
         return torch.zeros(shape)
     raise CheckpointError(f"parameter {name} is neither in the base checkpoint nor a known adapter weight")
 
@@ -99,27 +81,23 @@ def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def _reset_buffers(model: nn.Module, config, device: torch.device) -> None:
-    """Recompute non-persistent buffers (rotary frequencies, image-row indices) after ``to_empty``."""
+    """Recompute non-persistent buffers (rotary frequencies) after ``to_empty``."""
     from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
-    lm = _causal_lm(model)
+    lm = base_model(model)
     with torch.device(device):
         fresh = dict(ChameleonRotaryEmbedding(config=config).named_buffers())
     for name, buf in lm.model.rotary_emb.named_buffers():
         buf.copy_(fresh[name])
-    ids = lm.image_token_ids.to(device)
-    for mod in (lm.lm_head, lm.model.embed_tokens):
-        if isinstance(mod, (ImageRowsLinear, ImageRowsEmbedding)):
-            mod.rows.copy_(ids.sort().values)
-        if isinstance(mod, ImageRowsEmbedding):
-            mod.reset_buffers()
 
 
 def init_new_parameters_(model: nn.Module, seed: int) -> None:
-    """Initialise every parameter that has no base-checkpoint source (see :func:`new_parameter_value`)."""
+    """Initialise every parameter that has no base-checkpoint source (see :func:`new_parameter_value`);
+    image-token deltas are set to their (already loaded) base rows."""
+    reset_token_deltas_(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if base_weight_name(name) is None:
+            if base_weight_name(name) is None and TOKEN_DELTA not in name:
                 _copy_into(p, new_parameter_value(name, p.shape, seed))
 
 
@@ -139,7 +117,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     ``nn.Module.__call__``, so FSDP2's per-layer hooks re-gather parameters during recomputation.
     Parameter names are unchanged (no wrapper module).
     """
-    _causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def prepare_for_training(model: ChameleonFTForCausalLM, model_cfg, peft_cfg, *, device: torch.device,
@@ -149,7 +127,7 @@ def prepare_for_training(model: ChameleonFTForCausalLM, model_cfg, peft_cfg, *, 
     checkpointing. The single-device / DDP half of :func:`build_train_model`."""
     if model_cfg.zero_image_lm_head:
         zero_image_lm_head_(model)
-    model = apply_peft(model, peft_cfg)
+    model = attach_adapters(model, peft_cfg)
     set_dtypes_(model, base_dtype)
     model.to(device)
     init_new_parameters_(model, seed)
@@ -190,7 +168,7 @@ def build_train_model(
         raise CheckpointError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}")
     model.checkpoint_dir = str(path)
     image_ids = model.image_token_ids
-    model = apply_peft(model, peft_cfg)
+    model = attach_adapters(model, peft_cfg)
     set_dtypes_(model, base_dtype)
     if model_cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -209,7 +187,7 @@ def build_train_model(
         for key, full in iter_tensors(path, sorted(targets)):
             full = to_layout(key, full, config, "grouped")
             if model_cfg.zero_image_lm_head and key == "lm_head.weight":
-                zero_image_rows_(full, image_ids)
+                full[image_ids] = 0
             for p in targets[key]:
                 if tuple(p.shape) != tuple(full.shape):
                     raise CheckpointError(f"{path}: {key} has shape {list(full.shape)}, expected {list(p.shape)}")

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from chameleon_ft.adapter import base_model, clean_name
 from chameleon_ft.model.modeling import ft_option
-from chameleon_ft.training.adapters import _causal_lm, clean_name
+from chameleon_ft.model.tensors import full_tensor
 from chameleon_ft.training.model_init import build_train_model, resolve_base_dtype
 from chameleon_ft.training.optim import build_optimizer
 
@@ -33,15 +34,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 Evaluator = Callable[["ChameleonLitModule"], dict]
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def _scalar(t) -> float:
-    full = getattr(t, "full_tensor", None)
-    return float((full() if callable(full) else t).detach().float().cpu())
+    return float(full_tensor(t).detach().float().cpu())
 
 
 class ChameleonLitModule(L.LightningModule):
@@ -91,7 +85,7 @@ class ChameleonLitModule(L.LightningModule):
     @property
     def causal_lm(self):
         """The unwrapped ``ChameleonFTForCausalLM``."""
-        return _causal_lm(self.model)
+        return base_model(self.model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         # Walking every module each step costs ~0.5 ms on the tiny model; the set is fixed once built.
@@ -128,7 +122,7 @@ class ChameleonLitModule(L.LightningModule):
         return s.loss_sum * scale
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        window = _all_reduce_sum(self._window.to(self._reduce_device()))
+        window = self._sum_over_ranks(self._window)
         self._window = torch.zeros_like(self._window)
         loss_sum, ce_sum, z_sum, n, tokens_in = window.tolist()
         n_div = max(n, 1.0)
@@ -152,11 +146,12 @@ class ChameleonLitModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", metrics["train/loss"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
-    def _reduce_device(self) -> torch.device:
-        # gloo reduces CPU tensors, nccl CUDA ones.
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over every rank (the strategy's own reduce); gloo reduces CPU tensors, nccl CUDA ones."""
+        device = torch.device("cpu")
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+            device = torch.device("cuda", torch.cuda.current_device())
+        return self.trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
 
     def configure_optimizers(self):
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
@@ -174,7 +169,7 @@ class ChameleonLitModule(L.LightningModule):
         self._val += torch.stack([s.ce_sum.double().cpu(), s.z_sum.double().cpu(), s.n_tokens.double().cpu()])
 
     def on_validation_epoch_end(self) -> None:
-        ce_sum, z_sum, n = _all_reduce_sum(self._val.to(self._reduce_device())).tolist()
+        ce_sum, z_sum, n = self._sum_over_ranks(self._val).tolist()
         n_div = max(n, 1.0)
         zw = float(ft_option(self.causal_lm.config, "z_loss_weight"))
         metrics = {

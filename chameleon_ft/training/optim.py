@@ -1,24 +1,23 @@
-"""AdamW with decay/no-decay parameter groups and a warmup + cosine/constant schedule."""
+"""AdamW with decay/no-decay parameter groups and transformers' warmup + cosine/constant schedules."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+
+from chameleon_ft.errors import ConfigError
 
 SCHEDULERS = ("cosine", "constant")
 
 
-class OptimConfigError(ValueError):
-    """The ``optim`` config is inconsistent (unknown scheduler, negative steps, ...)."""
-
-
 def is_no_decay(name: str, param: torch.Tensor, *, no_decay_lora_b: bool = False) -> bool:
-    """Norm weights, biases (and LoRA-B if asked) are not weight-decayed."""
+    """Norm weights, biases, image-token rows (and LoRA-B if asked) are not weight-decayed.
+
+    Image-token rows are trained as replacement rows (PEFT trainable tokens): decaying them would pull the
+    embeddings themselves toward zero, not toward the base.
+    """
     lname = name.lower()
-    if name.endswith(".bias") or param.ndim < 2 or "norm" in lname:
+    if name.endswith(".bias") or param.ndim < 2 or "norm" in lname or "trainable_tokens_delta" in name:
         return True
     return no_decay_lora_b and ".lora_b." in lname
 
@@ -41,40 +40,27 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_decay_lora_b: bool
     return groups
 
 
-def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, scheduler: str, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based).
-
-    Linear warmup ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps; then either
-    constant 1, or cosine from 1 down to ``min_lr_ratio`` at ``total_steps``.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if scheduler == "constant":
-        return 1.0
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def build_optimizer(model: nn.Module, optim_cfg, total_steps: int) -> dict:
-    """AdamW + LambdaLR as Lightning's ``configure_optimizers`` dict (scheduler stepped every step)."""
+    """AdamW + transformers' warmup schedule (cosine down to ``min_lr_ratio``, or constant) as Lightning's
+    ``configure_optimizers`` dict, the scheduler stepped every optimizer step."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
     scheduler = str(optim_cfg.scheduler)
     if scheduler not in SCHEDULERS:
-        raise OptimConfigError(f"optim.scheduler={scheduler!r}: unknown; use one of {SCHEDULERS}")
+        raise ConfigError(f"optim.scheduler={scheduler!r}: unknown; use one of {SCHEDULERS}")
     warmup = int(optim_cfg.warmup_steps)
     if warmup < 0 or total_steps < 1:
-        raise OptimConfigError(f"optim.warmup_steps={warmup} and total steps {total_steps} must be >= 0 and >= 1")
+        raise ConfigError(f"optim.warmup_steps={warmup} and total steps {total_steps} must be >= 0 and >= 1")
     groups = param_groups(model, optim_cfg.weight_decay, no_decay_lora_b=bool(optim_cfg.no_decay_lora_b))
     if not groups:
-        raise OptimConfigError("no trainable parameters to optimise")
+        raise ConfigError("no trainable parameters to optimise")
     betas = tuple(float(b) for b in optim_cfg.betas)
     optimizer = torch.optim.AdamW(groups, lr=float(optim_cfg.lr), betas=betas, eps=float(optim_cfg.eps))
-    min_ratio = float(optim_cfg.min_lr_ratio)
-
-    def fn(step: int) -> float:
-        return lr_lambda(step, warmup_steps=warmup, total_steps=total_steps, scheduler=scheduler, min_lr_ratio=min_ratio)
-
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": LambdaLR(optimizer, fn), "interval": "step", "frequency": 1, "name": "lr"},
-    }
+    if scheduler == "constant":
+        sched = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    else:
+        sched = get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup,
+                                                            num_training_steps=total_steps,
+                                                            min_lr_rate=float(optim_cfg.min_lr_ratio))
+    return {"optimizer": optimizer,
+            "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}}

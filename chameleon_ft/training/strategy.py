@@ -15,19 +15,17 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
 from torch import nn
 
+from chameleon_ft.errors import ConfigError
+
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 _METADATA = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint directory
 
 
-class StrategyConfigError(ValueError):
-    """The ``strategy`` config cannot be honoured on this machine."""
-
-
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a (PEFT-wrapped) Chameleon model."""
-    from chameleon_ft.training.adapters import _causal_lm
+    from chameleon_ft.adapter import base_model
 
-    return list(_causal_lm(model).model.layers)
+    return list(base_model(model).model.layers)
 
 
 def shard_model(model: nn.Module, mesh, *, mixed_precision: bool) -> nn.Module:
@@ -115,17 +113,16 @@ def resolve_accelerator(accelerator: str) -> str:
     return accelerator
 
 
-def build_strategy(strategy_cfg, model_cfg, accelerator: str, devices: Any = "auto") -> Strategy | str:
+def build_strategy(strategy_cfg, accelerator: str) -> Strategy | str:
     """Lightning strategy for ``strategy_cfg.name`` (auto | single | ddp | fsdp).
 
     ``fsdp`` is :class:`FSDP2Strategy` with ``data_parallel_size`` = the number of processes
     (``auto``: all of them) and tensor parallel size 1; gloo on CPU, nccl on GPU unless
-    ``process_group_backend`` says otherwise. ``model_cfg`` is accepted for strategy choices that
-    depend on the model (activation checkpointing is applied when the model is built).
+    ``process_group_backend`` says otherwise.
     """
     name = str(strategy_cfg.name)
     if name not in STRATEGIES:
-        raise StrategyConfigError(f"strategy.name={name!r}: unknown; use one of {STRATEGIES}")
+        raise ConfigError(f"strategy.name={name!r}: unknown; use one of {STRATEGIES}")
     accelerator = resolve_accelerator(accelerator)
     backend = strategy_cfg.process_group_backend or ("gloo" if accelerator == "cpu" else "nccl")
     if name == "auto":

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from chameleon_ft.errors import ConfigError
 from chameleon_ft.training.checkpointing import CHECKPOINT_SUBDIR, AtomicCheckpoint, find_resume_checkpoint
 from chameleon_ft.training.dataloading import ResumableDataLoader, build_dataloaders, trainer_progress
 from chameleon_ft.training.module import ChameleonLitModule
@@ -25,12 +26,8 @@ ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
 
-# (cfg, checkpoint_dir, world_size=, rank=, run_dir=) -> (train_loader, val_loader)
+# (cfg, assets, world_size=, rank=, run_dir=) -> (train_loader, val_loader)
 LoaderFactory = Callable[..., tuple]
-
-
-class TrainConfigError(ValueError):
-    """The run's config is inconsistent (no model path, bad resume, ...)."""
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -42,19 +39,7 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
 
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError as e:
-        raise TrainConfigError("train(cfg) outside Hydra needs a run_dir") from e
-
-
-def resolve_model_path(model_cfg) -> str:
-    """The base checkpoint directory; ``None`` means the embedded tiny checkpoint (built on first use)."""
-    if model_cfg.path is None:
-        from chameleon_ft.tiny import tiny_checkpoint
-
-        return str(tiny_checkpoint(model_cfg.tiny_layout))
-    path = Path(str(model_cfg.path)).expanduser()
-    if not (path / "config.json").is_file():
-        raise TrainConfigError(f"model.path={model_cfg.path}: no config.json there; point it at a local checkpoint directory")
-    return str(path)
+        raise ConfigError("train(cfg) outside Hydra needs a run_dir") from e
 
 
 def resolve_resume(resume: str, run_dir: Path) -> str | None:
@@ -65,7 +50,7 @@ def resolve_resume(resume: str, run_dir: Path) -> str | None:
         found = find_resume_checkpoint(run_dir)
         return str(found) if found else None
     if not Path(resume).exists():
-        raise TrainConfigError(f"resume={resume}: no such checkpoint")
+        raise ConfigError(f"resume={resume}: no such checkpoint")
     return str(resume)
 
 
@@ -96,7 +81,7 @@ def build_loggers(logger_cfg, run_dir: Path) -> list:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
-            raise TrainConfigError("logger.wandb=true but wandb is not installed (pip install chameleon-ft[wandb])")
+            raise ConfigError("logger.wandb=true but wandb is not installed (pip install chameleon-ft[wandb])")
         from lightning.pytorch.loggers import WandbLogger
 
         loggers.append(WandbLogger(project=logger_cfg.wandb_project, save_dir=str(run_dir)))
@@ -130,7 +115,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None)
         accelerator=accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg.strategy, cfg.model, accelerator, t.devices),
+        strategy=build_strategy(cfg.strategy, accelerator),
         precision=resolve_precision(t, accelerator),
         max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -155,36 +140,27 @@ def _full_state_dict(module: ChameleonLitModule) -> dict[str, torch.Tensor]:
 
 
 def export_trained(module: ChameleonLitModule, run_dir: Path, *, is_global_zero: bool) -> dict[str, str]:
-    """Write what was trained to ``run_dir``: ``adapter/`` (PEFT format, plus ``image_rows.safetensors``
-    when image rows were trained), or ``model/`` for full fine-tuning.
+    """Write what was trained to ``run_dir``: ``adapter/`` (PEFT format: LoRA and/or image-token rows), or
+    ``model/`` (a full checkpoint) for full fine-tuning; either with the run's sample settings beside it.
 
     Collective under FSDP (every rank's shard is gathered): call on every rank. Returns paths by kind.
     """
-    from chameleon_ft.export.adapter import IMAGE_ROWS_FILE, export_adapter
+    from chameleon_ft.adapter import export_adapter
     from chameleon_ft.model.checkpoint import save_state_dict
-    from chameleon_ft.training.adapters import image_row_deltas, merge_image_row_deltas
 
     model = module.model
-    trainable = module.checkpoint_keys()
     full = _full_state_dict(module)  # collective: every rank takes part
-    deltas = image_row_deltas(model)  # collective under FSDP (full_tensor)
-    out: dict[str, str] = {}
     if not is_global_zero:
-        return out
-    adapter_dir = run_dir / ADAPTER_DIR
-    is_peft = getattr(model, "peft_config", None) is not None
-    if is_peft or deltas:
-        export_adapter(model, adapter_dir, base_model_path=module.model_path, state_dict=full)
-        if is_peft:
-            out["adapter"] = str(adapter_dir)
-        if deltas:
-            out["image_rows"] = str(adapter_dir / IMAGE_ROWS_FILE)
-    if trainable is None:  # full fine-tuning: the whole model, stock layout
-        lm = module.causal_lm
-        state = merge_image_row_deltas(dict(full), deltas) if deltas else dict(full)
-        save_state_dict(state, lm.config, run_dir / FULL_MODEL_DIR, source_dir=getattr(lm, "checkpoint_dir", None))
-        out["model"] = str(run_dir / FULL_MODEL_DIR)
-    return out
+        return {}
+    settings = getattr(module, "sample_settings", None)
+    if getattr(model, "peft_config", None):
+        path = export_adapter(model, run_dir / ADAPTER_DIR, module.model_path, state_dict=full, settings=settings)
+        return {"adapter": str(path)}
+    lm = module.causal_lm  # full fine-tuning: the whole model, stock layout
+    path = save_state_dict(full, lm.config, run_dir / FULL_MODEL_DIR, source_dir=getattr(lm, "checkpoint_dir", None))
+    if settings is not None:
+        settings.save(path)
+    return {"model": str(path)}
 
 
 def keep_previous_csv(run_dir: Path) -> Path | None:
@@ -207,33 +183,40 @@ def _json_safe(metrics: dict) -> dict:
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory: LoaderFactory | None = None,
           evaluators: list | None = None, callbacks: list | None = None) -> dict:
-    """Run the experiment ``cfg``; returns the final validation metrics (keys as logged, e.g. ``val/loss``).
+    """Run the experiment ``cfg`` (as :func:`chameleon_ft.config.store.compose` makes it); returns the final
+    validation metrics (keys as logged, e.g. ``val/loss``).
 
     ``run_dir``: where config, logs, checkpoints, adapter and ``metrics.json`` go (default: Hydra's
     output dir). ``loader_factory`` replaces :func:`build_dataloaders` (same signature); ``evaluators``
     go to :attr:`ChameleonLitModule.evaluators`; ``callbacks`` are extra Lightning callbacks.
     """
+    from chameleon_ft.data.pipeline import sample_settings
+    from chameleon_ft.tiny import resolve_checkpoint
+
     run_dir = resolve_run_dir(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    model_path = resolve_model_path(cfg.model)
-    cfg.model.path = model_path
+    # Before seeding: building the tiny checkpoint on first use must not shift the run's random numbers.
+    assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
+    cfg.model.path = str(assets.path)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resolve_resume(cfg.resume, run_dir)
 
     if ckpt_path is not None and rank_zero_only.rank == 0:
         keep_previous_csv(run_dir)
-    module = ChameleonLitModule(cfg, model_path, evaluators=evaluators)
+    module = ChameleonLitModule(cfg, assets.path, evaluators=evaluators)
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     factory = loader_factory or build_dataloaders
-    train_loader, val_loader = factory(cfg, model_path, world_size=trainer.world_size, rank=trainer.global_rank,
+    train_loader, val_loader = factory(cfg, assets, world_size=trainer.world_size, rank=trainer.global_rank,
                                        run_dir=run_dir)
+    if loader_factory is None:
+        module.sample_settings = sample_settings(cfg.data, assets, cfg.task)
     if evaluators is None and loader_factory is None:  # custom loaders bring their own evaluators
         from chameleon_ft.training.evaluators import build_evaluators
 
-        module.evaluators = build_evaluators(cfg, model_path, run_dir, trainer.world_size)
+        module.evaluators = build_evaluators(cfg, assets, run_dir, trainer.world_size)
     if isinstance(train_loader, ResumableDataLoader):
         train_loader.bind_progress(trainer_progress(trainer))
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)

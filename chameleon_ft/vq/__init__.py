@@ -15,7 +15,6 @@ from chameleon_ft.vq.vqgan import (
     VQGANConfig,
     VQGANError,
     VQGANLoadError,
-    fit_tiny_vqgan,
     load_hf_vqgan,
     load_meta_vqgan,
     load_vqgan,
@@ -26,7 +25,7 @@ from chameleon_ft.vq.vqgan import (
 
 __all__ = [
     "ImageTokenizer", "ImageTokenizerError", "VQGAN", "VQGANConfig", "VQGANError", "VQGANLoadError",
-    "center_crop_resize", "choose_bucket", "fit_tiny_vqgan", "load_hf_vqgan", "load_meta_vqgan", "load_vqgan",
+    "center_crop_resize", "choose_bucket", "load_hf_vqgan", "load_meta_vqgan", "load_vqgan",
     "lumina_buckets", "pil_to_tensor", "resize_to_bucket", "save_meta_vqgan", "tensor_to_pil", "to_rgb_on_white",
     "vq_config_dict", "vqgan_hf_state_dict",
 ]

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from chameleon_ft.errors import DataError
 from chameleon_ft.vq.preprocess import (
     center_crop_resize,
     choose_bucket,
@@ -22,7 +23,7 @@ from chameleon_ft.vq.vqgan import VQGAN, VQGANError, load_vqgan
 BUCKET_PATCH = 32  # Lumina-mGPT's size tokens count 32-px patches
 
 
-class ImageTokenizerError(ValueError):
+class ImageTokenizerError(DataError):
     """An image or tensor cannot be tokenized (wrong size, mode, dtype or range), or codes cannot be decoded."""
 
 

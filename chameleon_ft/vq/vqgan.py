@@ -16,24 +16,24 @@ import json
 import os
 import pickle
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
 
-HF_PREFIX = "model.vqmodel."
+from chameleon_ft.errors import ChameleonFTError
+
+VQ_PREFIX = "model.vqmodel."
 META_YAML = "vqgan.yaml"
 META_CKPT = "vqgan.ckpt"
 TOKENIZER_SUBDIR = "tokenizer"
 GROUPS = 32  # taming's Normalize(): GroupNorm(32, C, eps=1e-6)
 
 
-class VQGANError(ValueError):
+class VQGANError(ChameleonFTError, ValueError):
     """Bad VQGAN configuration or bad input to :class:`VQGAN` (wrong shape, code out of range...)."""
 
 
@@ -437,19 +437,19 @@ def _hf_vq_files(checkpoint_dir: Path) -> dict[str, list[str]]:
         if not isinstance(weight_map, dict):
             raise VQGANLoadError(f"{index}: has no 'weight_map'")
         for name, fname in weight_map.items():
-            if name.startswith(HF_PREFIX):
+            if name.startswith(VQ_PREFIX):
                 by_file.setdefault(fname, []).append(name)
         source = index
     elif single.is_file():
         from safetensors import safe_open
 
         with safe_open(str(single), framework="pt") as f:
-            by_file[single.name] = [k for k in f.keys() if k.startswith(HF_PREFIX)]
+            by_file[single.name] = [k for k in f.keys() if k.startswith(VQ_PREFIX)]
         source = single
     else:
         raise VQGANLoadError(f"{checkpoint_dir}: no model.safetensors.index.json or model.safetensors")
     if not any(by_file.values()):
-        raise VQGANLoadError(f"{source}: no {HF_PREFIX}* tensors (the VQGAN weights are missing)")
+        raise VQGANLoadError(f"{source}: no {VQ_PREFIX}* tensors (the VQGAN weights are missing)")
     return by_file
 
 
@@ -477,14 +477,14 @@ def load_hf_vqgan(checkpoint_dir: str | Path, *, device=None, dtype: torch.dtype
                 for name in names:
                     if name not in available:
                         raise VQGANLoadError(f"{path}: tensor {name} listed in the index is not in the file")
-                    state[name[len(HF_PREFIX) :]] = f.get_tensor(name)
+                    state[name[len(VQ_PREFIX) :]] = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise VQGANLoadError(f"{path}: cannot read safetensors ({e})") from e
     with_decoder = any(k.startswith("decoder.") for k in state)
     with torch.device("meta"):
         vqgan = VQGAN(cfg, with_decoder=with_decoder)
     vqgan = vqgan.to_empty(device="cpu")
-    _load_strict(vqgan, state, f"{checkpoint_dir} ({HF_PREFIX}* tensors)")
+    _load_strict(vqgan, state, f"{checkpoint_dir} ({VQ_PREFIX}* tensors)")
     if not with_decoder:
         vqgan.decoder_missing_reason = f"{checkpoint_dir} is a Hugging Face checkpoint, whose conversion dropped the VQ decoder"
     return _finish(vqgan, device, dtype)
@@ -533,97 +533,4 @@ def save_meta_vqgan(vqgan: VQGAN, tokenizer_dir: str | Path) -> Path:
 
 def vqgan_hf_state_dict(vqgan: VQGAN) -> dict[str, torch.Tensor]:
     """``model.vqmodel.*`` tensors as a Hugging Face checkpoint stores them (no decoder)."""
-    return {HF_PREFIX + k: v for k, v in _plain_state(vqgan, skip_decoder=True).items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Fitting the embedded tiny VQGAN
-# ---------------------------------------------------------------------------------------------
-def fit_tiny_vqgan(
-    vqgan: VQGAN,
-    images: torch.Tensor,
-    seed: int = 0,
-    decoder_steps: int = 150,
-    max_seconds: float = 60.0,
-    *,
-    batch_size: int = 12,
-    lr: float = 2e-3,
-    max_images: int = 512,
-) -> dict[str, float]:
-    """Make a randomly initialised VQGAN informative for ``images`` ``[N, 3, H, W]`` in [-1, 1].
-
-    At most ``max_images`` images (a seeded choice) are used, to bound the time.
-
-    1. Codebook: k-means (sklearn, ``random_state=seed``) over the ``quant_conv(encoder(x))``
-       vectors, so nearby latents share codes and distinct content gets distinct codes.
-    2. Decoder + ``post_quant_conv`` only: ``decoder_steps`` Adam steps of MSE between
-       ``decode(encode(x))`` and ``x`` on seeded mini-batches. The encoder stays as initialised.
-
-    Deterministic for a given seed and initial weights as long as ``max_seconds`` (a safety net
-    that stops training early) is not reached. Global RNG state is left untouched. Returns
-    ``{"steps", "seconds", "mse_before", "mse_after"}`` (MSE on up to 64 of the images).
-    """
-    from sklearn.cluster import KMeans
-
-    if not vqgan.has_decoder:
-        raise VQGANError("fit_tiny_vqgan: the VQGAN has no decoder to fit")
-    vqgan.check_pixels(images)
-    start = time.monotonic()
-    device = vqgan._param().device
-    images = images.to(device=device, dtype=torch.float32)
-    rng = np.random.default_rng(seed)
-    if images.shape[0] > max_images:
-        images = images[torch.from_numpy(np.sort(rng.choice(images.shape[0], max_images, replace=False))).to(device)]
-    n = images.shape[0]
-    probe = images[: min(n, 64)]
-
-    def probe_mse() -> float:
-        with torch.no_grad():
-            return float(F.mse_loss(vqgan.decode(vqgan.encode(probe)), probe))
-
-    # channels_last: ~2x faster CPU convolutions at these small channel counts.
-    vqgan.to(memory_format=torch.channels_last)
-    images = images.contiguous(memory_format=torch.channels_last)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        vqgan.eval()
-        with torch.no_grad():
-            lat = torch.cat([vqgan._latents(images[i : i + 64]) for i in range(0, n, 64)])  # [N, D, h, w]
-        d = lat.shape[1]
-        vecs = lat.permute(0, 2, 3, 1).reshape(-1, d).cpu().double().numpy()
-        mse_before = probe_mse()
-
-        k = min(vqgan.config.n_embed, len(np.unique(vecs.round(6), axis=0)))
-        km = KMeans(n_clusters=k, random_state=seed, n_init=1, max_iter=100).fit(vecs)
-        centers = km.cluster_centers_
-        if k < vqgan.config.n_embed:  # fewer distinct latents than codes: spare codes sit near used ones
-            extra = centers[rng.integers(0, k, vqgan.config.n_embed - k)]
-            centers = np.concatenate([centers, extra + 1e-3 * rng.standard_normal(extra.shape)])
-        with torch.no_grad():
-            vqgan.quantize.embedding.weight.copy_(torch.from_numpy(centers).to(vqgan._param()))
-
-        # Quantized inputs to the trainable part are fixed once the codebook is set.
-        with torch.no_grad():
-            codes = torch.cat([vqgan.encode(images[i : i + 64]) for i in range(0, n, 64)])
-            quant = vqgan.quantize.embedding(codes).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        params = list(vqgan.decoder.parameters()) + list(vqgan.post_quant_conv.parameters())
-        opt = torch.optim.Adam(params, lr=lr)
-        vqgan.decoder.train()
-        steps = 0
-        try:
-            for steps in range(1, decoder_steps + 1):
-                idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
-                out = vqgan.decoder(vqgan.post_quant_conv(quant[idx]))
-                loss = F.mse_loss(out, images[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if time.monotonic() - start > max_seconds:
-                    break
-        finally:
-            vqgan.eval()
-            vqgan.to(memory_format=torch.contiguous_format)
-            for p in vqgan.parameters():
-                p.grad = None
-    return {"steps": float(steps), "seconds": time.monotonic() - start, "mse_before": mse_before, "mse_after": probe_mse()}
+    return {VQ_PREFIX + k: v for k, v in _plain_state(vqgan, skip_decoder=True).items()}

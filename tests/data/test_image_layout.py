@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chameleon_ft.data.image_layout import ImageLayoutError, ids_to_image, image_spans, image_span_length, image_to_ids
+from chameleon_ft.data.image_layout import ImageLayoutError, ids_to_image, image_span_length, image_spans, image_to_ids
 from chameleon_ft.model.tokens import ChameleonTokens
 from tests.model.helpers import small_vocab
 

@@ -6,10 +6,7 @@ import pytest
 from PIL import Image
 
 from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy, DataConfigError
-from chameleon_ft.data.sample import (
-    RECORD_FEATURES, Conversation, ImageRef, Segment, Turn, text_to_image_conversation, validate_conversation,
-    vqa_conversation,
-)
+from chameleon_ft.data.sample import RECORD_FEATURES, Conversation, ImageRef, Segment, Turn, validate_conversation
 
 
 def _png_bytes(color=(10, 20, 30)) -> bytes:
@@ -100,15 +97,3 @@ def test_policy_logs_summary(caplog):
         pol.log_summary("llava train")
     assert "llava train: skipped 1 bad sample(s) (unknown_role: 1)" in caplog.text
     assert "a.json: record 3: unknown_role" in caplog.text
-
-
-def test_task_templates():
-    conv = vqa_conversation(ImageRef(path="x.png"), "How many?", "2", template="Q: {question}")
-    assert conv.turns[0].segments[1].text == "Q: How many?"
-    assert conv.meta["answers"] == ["2"]
-    with pytest.raises(DataConfigError, match="question"):
-        vqa_conversation(ImageRef(path="x.png"), "How many?", "2", template="no field")
-    t2i = text_to_image_conversation("a red square", ImageRef(path="x.png"), width=64, height=32)
-    assert t2i.turns[0].text == "Generate an image of 64x32 according to the following prompt:\na red square"
-    assert t2i.turns[1].role == "assistant" and t2i.turns[1].images == [ImageRef(path="x.png")]
-    assert t2i.meta["prompt"] == "a red square"

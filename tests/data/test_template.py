@@ -51,7 +51,7 @@ def test_lumina_layout_user_assistant():
     assert enc.input_ids[: enc.prompt_len] == [BOS, 3, 4, 3, EOT]
 
 
-@pytest.mark.parametrize("mask", ["assistant", "caption", "answer"])
+@pytest.mark.parametrize("mask", ["assistant"])
 def test_assistant_masks_learn_reply_and_its_end_of_turn(mask):
     assert TEMPLATE.encode(text_chat(), mask).labels == [X, X, X, X, X, 4, 4, EOT]
 
@@ -111,4 +111,4 @@ def test_unknown_mask_and_template_are_refused_with_choices():
     with pytest.raises(ValueError, match="unknown chat template 'llama'.*lumina"):
         get_template("llama", TOKENS)
     assert isinstance(get_template("lumina", TOKENS), LuminaTemplate)
-    assert set(LABEL_MASKS) == {"assistant", "caption", "answer", "image", "all"}
+    assert set(LABEL_MASKS) == {"assistant", "image", "all"}

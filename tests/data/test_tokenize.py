@@ -13,11 +13,13 @@ from PIL import Image
 
 from chameleon_ft.data.config import DataConfig
 from chameleon_ft.data.errors import BadSampleError
-from chameleon_ft.data.pipeline import build_encoder, resolve_image_layout
-from chameleon_ft.data.sample import ImageRef, text_to_image_conversation, vqa_conversation
+from chameleon_ft.data.pipeline import build_encoder, label_mask
+from chameleon_ft.data.sample import ImageRef
 from chameleon_ft.data.tokenize import ConversationEncoder, EncoderOptions
+from chameleon_ft.model.assets import CheckpointAssets
 from chameleon_ft.model.checkpoint import load_tokenizer
 from chameleon_ft.model.tokens import image_token_code
+from chameleon_ft.tasks import SampleContext, get_task
 from chameleon_ft.vq.preprocess import center_crop_resize, pil_to_tensor, resize_to_bucket
 from chameleon_ft.vq.vqgan import load_vqgan
 
@@ -44,27 +46,34 @@ def text_tok(tiny_grouped):
     return load_tokenizer(tiny_grouped)
 
 
-_LOADED = {}
-
-
 def encoder(ckpt, **data):
     """The encoder ``build_encoder`` makes for these data options (checkpoint parts loaded once)."""
-    cfg = DataConfig(**{"name": "jsonl", "image_size": 64, **data})
-    if ckpt not in _LOADED:
-        _LOADED[ckpt] = build_encoder(cfg, ckpt, device="cpu")
-    base = _LOADED[ckpt]
-    opts = EncoderOptions(layout=resolve_image_layout(cfg, ckpt), image_size=cfg.image_size, buckets=cfg.image_buckets,
-                          label_mask=cfg.label_mask, max_length=cfg.max_length, unconditional=True)
-    return ConversationEncoder(base.text_tokenizer, base.tokens, base.vqgan, opts)
+    cfg = DataConfig(**{"format": "jsonl", "image_size": 64, **data})
+    assets = CheckpointAssets.open(ckpt)
+    opts = EncoderOptions(layout=assets.image_layout(cfg.image_layout), image_size=cfg.image_size,
+                          buckets=cfg.image_buckets, label_mask=label_mask(cfg), max_length=cfg.max_length,
+                          unconditional=True)
+    return ConversationEncoder(assets.tokenizer, assets.tokens, assets.vqgan("cpu"), opts)
+
+
+def t2i(prompt, path, *, width, height, source="", index=-1):
+    fields = {"prompt": prompt, "image": ImageRef(path=path), "width": width, "height": height}
+    return get_task("text_to_image").conversation(fields, SampleContext(source, index))
+
+
+def vqa(path, question, answer, *, source="", index=-1):
+    fields = {"image": ImageRef(path=path), "question": question, "answer": answer}
+    return get_task("vqa").conversation(fields, SampleContext(source, index))
 
 
 def test_build_encoder_reads_the_data_config(tiny_grouped):
-    cfg = DataConfig(name="jsonl", image_size=32, image_buckets=True, label_mask="image", max_length=77)
-    enc = build_encoder(cfg, tiny_grouped, device="cpu")
+    cfg = DataConfig(format="jsonl", image_size=32, image_buckets=True, label_mask="image", max_length=77)
+    assets = CheckpointAssets.open(tiny_grouped)
+    enc = build_encoder(cfg, assets, device="cpu")
     # the tiny checkpoint has grouped q/k norm, so "auto" picks Lumina-mGPT's layout
     assert enc.opt == EncoderOptions(layout="lumina", image_size=32, buckets=True, label_mask="image", max_length=77,
                                      unconditional=True)
-    assert build_encoder(DataConfig(image_layout="chameleon"), tiny_grouped, device="cpu").opt.layout == "chameleon"
+    assert build_encoder(DataConfig(format="jsonl", image_layout="chameleon"), assets, device="cpu").opt.layout == "chameleon"
 
 
 def digit_png(path, size=(64, 64), seed=0):
@@ -92,8 +101,7 @@ def codes_of(vqgan, img):
 def test_text_to_image_has_real_image_ids_in_inputs_and_labels(tiny_grouped, tmp_path, vocab, code_id, vqgan,
                                                                text_tok):
     path = digit_png(tmp_path / "a.png")
-    conv = text_to_image_conversation("Draw the digit 7", ImageRef(path=path), width=64, height=64, index=3,
-                                      source="t2i.jsonl")
+    conv = t2i("Draw the digit 7", path, width=64, height=64, index=3, source="t2i.jsonl")
     enc = encoder(tiny_grouped, image_layout="lumina")
     [out] = enc.encode_batch([conv.to_record()])
     codes = codes_of(vqgan, center_crop_resize(Image.open(path).convert("RGB"), 64))
@@ -118,7 +126,7 @@ def test_text_to_image_has_real_image_ids_in_inputs_and_labels(tiny_grouped, tmp
 def test_text_to_image_prompt_is_rerendered_with_actual_size(tiny_grouped, tmp_path, text_tok):
     path = digit_png(tmp_path / "a.png", size=(100, 100))
     # the reader wrote 512x512 into the prompt; the image is encoded at 64 px
-    conv = text_to_image_conversation("a cat", ImageRef(path=path), width=512, height=512)
+    conv = t2i("a cat", path, width=512, height=512)
     [out] = encoder(tiny_grouped, image_layout="lumina").encode_batch([conv.to_record()])
     text = text_tok.decode(out["prompt_ids"][1:-1])
     assert text == "Generate an image of 64x64 according to the following prompt:\na cat"
@@ -126,7 +134,7 @@ def test_text_to_image_prompt_is_rerendered_with_actual_size(tiny_grouped, tmp_p
 
 def test_vqa_prompt_ends_right_before_the_answer(tiny_grouped, tmp_path, vocab, code_id, vqgan, text_tok):
     path = digit_png(tmp_path / "q.png", size=(80, 64))
-    conv = vqa_conversation(ImageRef(path=path), "What digit is this?", "7")
+    conv = vqa(path, "What digit is this?", "7")
     [out] = encoder(tiny_grouped, image_layout="lumina").encode_batch([conv.to_record()])
     eot = vocab["<reserved08706>"]
     answer = text_tok("7", add_special_tokens=False)["input_ids"]
@@ -144,7 +152,7 @@ def test_vqa_prompt_ends_right_before_the_answer(tiny_grouped, tmp_path, vocab, 
 
 def test_bucket_layout_uses_the_chosen_bucket_size(tiny_grouped, tmp_path, vocab, code_id, vqgan, text_tok):
     path = digit_png(tmp_path / "wide.png", size=(128, 40))
-    conv = text_to_image_conversation("wide", ImageRef(path=path), width=64, height=64)
+    conv = t2i("wide", path, width=64, height=64)
     [out] = encoder(tiny_grouped, image_layout="lumina", image_buckets=True).encode_batch([conv.to_record()])
     # buckets for a 64-px budget (4 patches of 32 px); a 128x40 image keeps the most in 96x32:
     # 128x32 keeps 32/40 = 0.8, 96x32 keeps (96/128)/(32/40) = 0.9375, 64x64 keeps 0.3125
@@ -161,7 +169,7 @@ def test_bucket_layout_uses_the_chosen_bucket_size(tiny_grouped, tmp_path, vocab
 
 def test_chameleon_layout_is_boi_codes_eoi(tiny_grouped, tmp_path, vocab, code_id, vqgan):
     path = digit_png(tmp_path / "c.png")
-    conv = vqa_conversation(ImageRef(path=path), "What digit is this?", "3")
+    conv = vqa(path, "What digit is this?", "3")
     [out] = encoder(tiny_grouped, image_layout="chameleon").encode_batch([conv.to_record()])
     codes = codes_of(vqgan, Image.open(path).convert("RGB"))
     span = [vocab["<racm3:break>"], *[code_id[c] for c in codes.reshape(-1).tolist()], vocab["<eoss>"]]
@@ -171,14 +179,11 @@ def test_chameleon_layout_is_boi_codes_eoi(tiny_grouped, tmp_path, vocab, code_i
 
 
 def test_bad_samples_come_back_as_errors_in_place(tiny_grouped, tmp_path):
-    good = vqa_conversation(ImageRef(path=digit_png(tmp_path / "g.png")), "What digit is this?", "1",
-                            source="f.jsonl", index=0).to_record()
+    good = vqa(digit_png(tmp_path / "g.png"), "What digit is this?", "1", source="f.jsonl", index=0).to_record()
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
-    bad = vqa_conversation(ImageRef(path=str(broken)), "What digit is this?", "2", source="f.jsonl",
-                           index=1).to_record()
-    long_q = vqa_conversation(ImageRef(path=digit_png(tmp_path / "l.png")), "Is it even? " * 40, "no",
-                              source="f.jsonl", index=2).to_record()
+    bad = vqa(str(broken), "What digit is this?", "2", source="f.jsonl", index=1).to_record()
+    long_q = vqa(digit_png(tmp_path / "l.png"), "Is it even? " * 40, "no", source="f.jsonl", index=2).to_record()
     outs = encoder(tiny_grouped, image_layout="lumina", max_length=64).encode_batch([good, bad, long_q])
     assert isinstance(outs[0], dict) and outs[0]["index"] == 0
     assert isinstance(outs[1], BadSampleError) and (outs[1].file, outs[1].record, outs[1].reason) == (
@@ -188,10 +193,10 @@ def test_bad_samples_come_back_as_errors_in_place(tiny_grouped, tmp_path):
     assert "max_length=64" in str(outs[2])
 
 
-def test_images_are_encoded_in_one_batch_per_size(tiny_grouped, tmp_path):
+def test_images_are_encoded_in_one_batch_per_size(tiny_grouped, tmp_path, monkeypatch):
     enc = encoder(tiny_grouped, image_layout="lumina")
-    recs = [vqa_conversation(ImageRef(path=digit_png(tmp_path / f"{i}.png", seed=i)), "What digit is this?", "1",
-                             index=i).to_record() for i in range(3)]
+    recs = [vqa(digit_png(tmp_path / f"{i}.png", seed=i), "What digit is this?", "1", index=i).to_record()
+            for i in range(3)]
     calls = []
     real = enc.vqgan.encode
 
@@ -199,7 +204,7 @@ def test_images_are_encoded_in_one_batch_per_size(tiny_grouped, tmp_path):
         calls.append(pixels.shape[0])
         return real(pixels)
 
-    enc.vqgan.encode = counting
+    monkeypatch.setattr(enc.vqgan, "encode", counting)  # the VQGAN is shared per process: undo after the test
     batched = enc.encode_batch(recs)
     assert calls == [3]
     one_by_one = [enc.encode_batch([r])[0] for r in recs]

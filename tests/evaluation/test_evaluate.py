@@ -11,10 +11,15 @@ from chameleon_ft.evaluation.evaluate import (
     evaluate_split,
     teacher_forced_metrics,
 )
-from chameleon_ft.generation.generate import generate_text, user_turn_ids
+from chameleon_ft.generation.generate import generate_text
 from chameleon_ft.model.checkpoint import load_model, load_tokenizer
 from chameleon_ft.model.tokens import ChameleonTokens
 from tests.export.helpers import write_small_checkpoint
+
+
+def user_prompt(T, tok, text):
+    """The Lumina-mGPT chat template of one user turn, written out: <s> text <reserved08706>."""
+    return [T.bos, *tok.encode(text, add_special_tokens=False), T.eot]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,7 @@ def test_vqa_metrics_from_meta_answers():
     # "Two" -> "2" matches all ten: 1. "cat" matches 3 of 10: leaving out a "dog" keeps 3 matches (1.0),
     # leaving out a "cat" keeps 2 (2/3); averaged over the ten subsets.
     cat = (7 * 1.0 + 3 * (2 / 3)) / 10
-    assert m["vqa_accuracy"] == pytest.approx((1.0 + cat + 0.0) / 3)
+    assert m["acc"] == pytest.approx((1.0 + cat + 0.0) / 3)
     assert m["exact_match"] == pytest.approx(1 / 3)  # only "cat" is literally among its answers
 
 
@@ -94,7 +99,7 @@ def test_teacher_forced_image_metrics_match_a_direct_computation(setup):
 
 def test_evaluate_split_generates_answers_and_scores_them(setup):
     model, T, tok = setup
-    prompts = [user_turn_ids(T, tok, t) for t in ("t1 t2", "t3", "t4 t5 t6")]
+    prompts = [user_prompt(T, tok, t) for t in ("t1 t2", "t3", "t4 t5 t6")]
     answers = generate_text(model, T, tok, prompts, max_new_tokens=3)
     # First sample's reference is what the model says (accuracy 1), the others are wrong.
     targets = [answers[0]["text"], "t39 t39", "t38"]
@@ -106,7 +111,7 @@ def test_evaluate_split_generates_answers_and_scores_them(setup):
     metrics, preds = evaluate_split(model, T, tok, Dataset.from_list(rows), "vqa", batch_size=2, max_new_tokens=3)
     assert [p["prediction"] for p in preds] == [a["text"] for a in answers]
     assert metrics["num_samples"] == 3
-    assert metrics["vqa_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["acc"] == pytest.approx(1 / 3)
     assert "image_token_accuracy" not in metrics and metrics["loss"] > 0
 
 

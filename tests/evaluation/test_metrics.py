@@ -17,7 +17,6 @@ from chameleon_ft.evaluation.metrics import (
     vqa_soft_accuracy,
 )
 
-
 # --- VQA ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw,norm", [

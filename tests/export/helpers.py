@@ -62,7 +62,21 @@ def lora_model(base: ChameleonFTForCausalLM, r: int = 4, alpha: int = 8, seed: i
     return randomize_lora_(get_peft_model(base, cfg), seed=seed).eval()
 
 
+def lora_with_image_rows(base: ChameleonFTForCausalLM, seed: int = 2, r: int = 4, alpha: int = 8):
+    """LoRA plus trainable image-token rows of ``lm_head`` and ``embed_tokens``, every adapter weight random."""
+    ids = base.image_token_ids.tolist()
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TRAINING_TARGETS, task_type="CAUSAL_LM",
+                     trainable_token_indices={"embed_tokens": ids, "lm_head": ids})
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if ".lora_" in n or "trainable_tokens_delta" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
 def random_ids(config, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
-    """Random ids over the whole vocabulary (image tokens included, so image-row deltas show)."""
+    """Random ids over the whole vocabulary (image tokens included, so image-token rows show)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(config.vocab_size, (batch, length), generator=gen)

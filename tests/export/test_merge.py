@@ -5,26 +5,22 @@ import torch
 from transformers import ChameleonForConditionalGeneration
 
 import chameleon_ft.export.merge as merge_mod
-from chameleon_ft.export.adapter import export_adapter
-from chameleon_ft.export.merge import MergeError, main, merge_adapter
+from chameleon_ft.adapter import SampleSettings, export_adapter
+from chameleon_ft.errors import CheckpointError
+from chameleon_ft.export.merge import merge_adapter
 from chameleon_ft.model.checkpoint import INDEX_FILE, load_model, tensor_shapes
-from chameleon_ft.training.adapters import add_image_row_deltas
-from tests.export.helpers import lora_model, random_ids, write_small_checkpoint
+from tests.conftest import run_module
+from tests.export.helpers import lora_model, lora_with_image_rows, random_ids, write_small_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A grouped base checkpoint, a LoRA + image-row model on it, and its exported adapter."""
+    """A grouped base checkpoint, a LoRA + image-row model on it, and its exported adapter (with settings)."""
     root = tmp_path_factory.mktemp("merge")
     base = write_small_checkpoint(root / "base", layout="grouped", seed=3)
-    model = lora_model(load_model(base, mask_image_logits=False), seed=11)
-    add_image_row_deltas(model, model.get_base_model().image_token_ids)
-    gen = torch.Generator().manual_seed(12)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("image_rows_delta"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    adapter = export_adapter(model, root / "adapter", base)
+    model = lora_with_image_rows(load_model(base, mask_image_logits=False), seed=11)
+    settings = SampleSettings(task="vqa", prompt_template="{question}", image_layout="lumina", image_size=32)
+    adapter = export_adapter(model, root / "adapter", base, settings=settings)
     return base, model, adapter
 
 
@@ -41,6 +37,7 @@ def test_merged_checkpoint_reproduces_the_adapter_model(trained, tmp_path, layou
     groups, heads = model.config.model_parallel_size, model.config.num_attention_heads
     assert shapes["model.layers.0.self_attn.q_norm.weight"][0] == (groups if layout == "grouped" else heads)
     assert json.loads((out / "config.json").read_text())["qk_norm_layout"] == layout
+    assert SampleSettings.load(out) == SampleSettings.load(adapter)  # the settings travel into the merge
     merged = load_model(out, mask_image_logits=False)
     ids = random_ids(model.config, seed=4)
     # Image logits are unmasked, so the lm_head image-row deltas show in the comparison.
@@ -84,10 +81,12 @@ def test_merge_streams_one_shard_at_a_time(trained, tmp_path, monkeypatch):
     assert sorted(index["weight_map"]) == sorted(tensor_shapes(base))
 
 
-def test_merge_command_with_key_value_arguments(trained, tmp_path, capsys):
+def test_merge_command_with_key_value_arguments(trained, tmp_path):
     base, model, adapter = trained
-    rc = main([f"base={base}", f"adapter={adapter}", f"out={tmp_path / 'm'}", "layout=expanded", "dtype=bfloat16"])
-    assert rc == 0, capsys.readouterr().err
+    res = run_module("chameleon_ft.merge", [f"base={base}", f"adapter={adapter}", f"out={tmp_path / 'm'}",
+                                                   "layout=expanded", "dtype=bfloat16"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "merged checkpoint (expanded q/k norm) written to" in res.stdout
     merged = load_model(tmp_path / "m", mask_image_logits=False)
     ids = random_ids(model.config, seed=6)
     torch.testing.assert_close(logits(merged, ids), logits(model, ids), atol=0.05, rtol=0.05)
@@ -109,16 +108,18 @@ def test_modules_to_save_replace_the_base_weight(tmp_path):
     torch.testing.assert_close(logits(merged, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_adapter_for_another_model_is_refused_with_its_path(trained, tmp_path, capsys):
+def test_adapter_for_another_model_is_refused_with_its_path(trained, tmp_path):
     base, _, adapter = trained
-    from tests.model.helpers import small_config
     from chameleon_ft.model.checkpoint import save_state_dict
     from chameleon_ft.model.modeling import ChameleonFTForCausalLM
+    from tests.model.helpers import small_config
 
     cfg = small_config(hidden=32)
     other = save_state_dict(ChameleonFTForCausalLM(cfg).state_dict(), cfg, tmp_path / "other")
-    with pytest.raises(MergeError, match=str(adapter)):
+    with pytest.raises(CheckpointError, match=str(adapter)):
         merge_adapter(other, adapter, tmp_path / "out")
-    assert main([f"base={other}", f"adapter={adapter}", f"out={tmp_path / 'o2'}"]) == 2
-    assert "merge failed" in capsys.readouterr().err
+    res = run_module("chameleon_ft.merge", [f"base={other}", f"adapter={adapter}", f"out={tmp_path / 'o2'}"],
+                     cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and str(adapter) in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1  # one clear line, no traceback
     assert not (tmp_path / "o2").exists()

@@ -28,28 +28,26 @@ def small_checkpoint(out_dir: Path, layers: int = 2, hidden: int = 64, seed: int
     return out_dir
 
 
+# What the engine tests change from the schema's defaults: a small model, few fast steps on the CPU.
+SMALL_RUN = {
+    "task": "chat", "monitor": "val/loss", "monitor_mode": "min",
+    "model.mask_image_logits": False, "model.z_loss_weight": 1e-4, "model.loss_chunk_size": 16,
+    "data.format": "jsonl", "data.batch_size": 4, "data.eval_batch_size": 4, "data.max_length": 64,
+    "peft.r": 4, "peft.alpha": 8, "peft.dropout": 0.0, "peft.target_modules": "attention",
+    "optim.lr": 1e-2, "optim.weight_decay": 0.1, "optim.warmup_steps": 2,
+    "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.max_steps": 6, "trainer.log_every_n_steps": 1,
+    "trainer.enable_progress_bar": False,
+    "logger.tensorboard": False,
+}
+
+
 def make_cfg(model_path: str, **over) -> "OmegaConf":
-    """A complete run config (the groups the training engine reads), with dotted overrides."""
-    base = {
-        "task": "chat", "seed": 0, "resume": "none", "monitor": "val/loss", "monitor_mode": "min",
-        "model": {"name": "small", "path": str(model_path), "tiny_layout": "grouped", "dtype": "auto",
-                  "mask_image_logits": False, "z_loss_weight": 1e-4, "dropout": 0.0, "loss_chunk_size": 16,
-                  "attn_implementation": "sdpa", "activation_checkpointing": False, "zero_image_lm_head": False},
-        "data": {"batch_size": 4, "eval_batch_size": 4, "max_length": 64},
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "attention",
-                 "modules_to_save": [], "train_image_rows": False},
-        "optim": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "no_decay_lora_b": False,
-                  "scheduler": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "grad_clip": 1.0},
-        "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "precision": None, "max_steps": 6,
-                    "max_epochs": None, "accumulate_grad_batches": 1, "val_check_interval": None,
-                    "check_val_every_n_epoch": None, "limit_val_batches": None, "log_every_n_steps": 1,
-                    "enable_progress_bar": False, "num_sanity_val_steps": 0, "deterministic": False},
-        "strategy": {"name": "auto", "data_parallel_size": "auto", "process_group_backend": None},
-        "checkpoint": {"every_n_steps": 100, "keep_last": 2, "export_adapter_each": False},
-        "logger": {"tensorboard": False, "csv": True, "wandb": False, "wandb_project": "x"},
-    }
-    cfg = OmegaConf.create(base)
-    for k, v in over.items():
+    """A complete run config built from the schema (every key, typed and checked), with the small-run
+    settings and dotted overrides applied; a mistyped key fails as it would on the command line."""
+    from chameleon_ft.config.schema import ExperimentConfig
+
+    cfg = OmegaConf.structured(ExperimentConfig)
+    for k, v in {**SMALL_RUN, "model.path": str(model_path), **over}.items():
         OmegaConf.update(cfg, k, v, merge=False)
     return cfg
 

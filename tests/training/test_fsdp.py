@@ -50,14 +50,12 @@ def runs(tmp_path_factory):
     train(make_cfg(ckpt, **COMMON), single, loader_factory=loader_factory())
     fsdp = root / "fsdp"
     run_worker(fsdp, ckpt, {**COMMON, "strategy.name": "fsdp", "trainer.devices": 2})
-    saved_adapter = {**load_file(fsdp / "adapter" / "adapter_model.safetensors"),
-                     **load_file(fsdp / "adapter" / "image_rows.safetensors")}
+    saved_adapter = load_file(fsdp / "adapter" / "adapter_model.safetensors")
     ranks = [json.loads((fsdp / f"rank{r}.json").read_text()) for r in range(2)]
     # Load the last sharded checkpoint in 2 fresh processes; no training steps remain, so the exported
     # adapter is exactly what was loaded.
     run_worker(fsdp, ckpt, {**COMMON, "strategy.name": "fsdp", "trainer.devices": 2, "resume": "auto"})
-    loaded_adapter = {**load_file(fsdp / "adapter" / "adapter_model.safetensors"),
-                      **load_file(fsdp / "adapter" / "image_rows.safetensors")}
+    loaded_adapter = load_file(fsdp / "adapter" / "adapter_model.safetensors")
     return dict(single=single, fsdp=fsdp, ranks=ranks, saved=saved_adapter, loaded=loaded_adapter, ckpt=ckpt)
 
 
@@ -67,8 +65,7 @@ def test_two_processes_follow_the_single_process_loss_trajectory(runs):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
     assert one[5] < one[0]  # it does learn
-    single_adapter = {**load_file(runs["single"] / "adapter" / "adapter_model.safetensors"),
-                      **load_file(runs["single"] / "adapter" / "image_rows.safetensors")}
+    single_adapter = load_file(runs["single"] / "adapter" / "adapter_model.safetensors")
     assert single_adapter.keys() == runs["saved"].keys()
     # Adam turns reduction-order noise on near-zero gradients into up to ~lr-sized steps on single
     # elements; 1e-4 is 1% of lr=1e-2 (the losses above agree to 1e-5).
@@ -90,7 +87,7 @@ def test_sharded_checkpoint_holds_only_trained_tensors_and_reloads_every_shard(r
     path = find_resume_checkpoint(runs["fsdp"])
     assert path is not None and path.name == "step-00000006.ckpt" and path.is_dir()
     keys = [k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
-    assert keys and all(".lora_" in k or "image_rows_delta" in k for k in keys), keys[:5]
+    assert keys and all(".lora_" in k or "trainable_tokens_delta" in k for k in keys), keys[:5]
     assert runs["saved"].keys() == runs["loaded"].keys()
     for k, v in runs["saved"].items():
         assert torch.equal(runs["loaded"][k], v), k

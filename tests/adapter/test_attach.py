@@ -1,17 +1,12 @@
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from chameleon_ft.model.checkpoint import iter_tensors
-from chameleon_ft.training.adapters import (
-    AdapterConfigError,
-    ImageRowsEmbedding,
-    ImageRowsLinear,
-    image_row_deltas,
-    merge_image_row_deltas,
-    merge_image_rows_into_model,
-)
+from chameleon_ft.adapter import export_adapter, load_adapter, read_adapter, weight_updates
+from chameleon_ft.errors import ConfigError
+from chameleon_ft.model.checkpoint import iter_tensors, load_model
+from chameleon_ft.model.modeling import output_weight
 from chameleon_ft.training.model_init import build_train_model
+from chameleon_ft.training.optim import build_optimizer
 from tests.training.helpers import make_cfg, small_checkpoint
 
 
@@ -47,9 +42,9 @@ def test_lora_targets_only_decoder_linears(ckpt, preset, names):
 
 
 def test_unknown_preset_and_method_refused(ckpt):
-    with pytest.raises(AdapterConfigError, match="attn"):
+    with pytest.raises(ConfigError, match="attn"):
         _build(ckpt, **{"peft.target_modules": "attn"})
-    with pytest.raises(AdapterConfigError, match="qlora"):
+    with pytest.raises(ConfigError, match="qlora"):
         _build(ckpt, **{"peft.method": "qlora"})
 
 
@@ -86,6 +81,11 @@ def test_zero_image_lm_head(ckpt):
     torch.testing.assert_close(w[keep], ref[keep], rtol=0, atol=0)
 
 
+def embedding_weight(lm):
+    """The embedding matrix in effect (PEFT's trainable-token layers apply their rows in forward)."""
+    return output_weight(lm.model.embed_tokens).detach()
+
+
 def _image_batch(model):
     ids = model.image_token_ids if hasattr(model, "image_token_ids") else model.get_base_model().image_token_ids
     used = ids[:5]  # only some image tokens appear in the input
@@ -97,46 +97,44 @@ def _image_batch(model):
 
 @pytest.mark.parametrize("method", ["none", "lora"])
 def test_image_rows_only_those_rows_change_and_export_is_rows_only(ckpt, tmp_path, method):
-    model = _build(ckpt, **{"peft.method": method, "peft.train_image_rows": True, "model.mask_image_logits": False})
-    lm = model.get_base_model() if method == "lora" else model
-    assert isinstance(lm.lm_head, ImageRowsLinear) and isinstance(lm.model.embed_tokens, ImageRowsEmbedding)
+    cfg = make_cfg(ckpt, **{"peft.method": method, "peft.train_image_rows": True, "model.mask_image_logits": False})
+    model = build_train_model(cfg.model, cfg.peft, ckpt, device=torch.device("cpu"), base_dtype=torch.float32, seed=0)
+    lm = model.get_base_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {n for n in trainable if "image_rows_delta" in n} and all(
-        "image_rows_delta" in n or ".lora_" in n for n in trainable)
-    head0, emb0 = lm.lm_head.weight.detach().clone(), lm.model.embed_tokens.weight.detach().clone()
-    base_head0 = lm.lm_head.base.weight.detach().clone()
+    assert {n for n in trainable if "trainable_tokens_delta" in n} and all(
+        "trainable_tokens_delta" in n or ".lora_" in n for n in trainable)
+    head0, emb0 = output_weight(lm.lm_head).detach().clone(), embedding_weight(lm).clone()
+    ref = dict(iter_tensors(ckpt, ["lm_head.weight", "model.embed_tokens.weight"]))
+    torch.testing.assert_close(head0, ref["lm_head.weight"], rtol=0, atol=0)  # the rows start at the base
     input_ids, labels, used = _image_batch(lm)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = build_optimizer(model, cfg.optim, total_steps=10)["optimizer"]
+    for group in opt.param_groups:
+        group["lr"] = 1e-2  # past warmup
     model(input_ids=input_ids, labels=labels).loss.backward()
     opt.step()
-    head1, emb1 = lm.lm_head.weight.detach(), lm.model.embed_tokens.weight.detach()
+    head1, emb1 = output_weight(lm.lm_head).detach(), embedding_weight(lm)
     ids = lm.image_token_ids
     changed_head = (head1 != head0).any(dim=1).nonzero().squeeze(1)
     assert set(changed_head.tolist()) == set(ids.tolist())  # every image row (softmax over all), nothing else
     changed_emb = (emb1 != emb0).any(dim=1).nonzero().squeeze(1)
-    assert set(changed_emb.tolist()) == set(used.tolist())  # only image ids that were embedded
-    torch.testing.assert_close(lm.lm_head.base.weight, base_head0, rtol=0, atol=0)  # frozen base untouched
+    assert set(changed_emb.tolist()) == set(used.tolist())  # only image ids that were embedded (no decay)
 
-    deltas = image_row_deltas(model)
-    assert set(deltas) == {"lm_head.image_rows_delta", "lm_head.image_rows",
-                           "model.embed_tokens.image_rows_delta", "model.embed_tokens.image_rows"}
-    assert deltas["lm_head.image_rows_delta"].shape == (len(ids), lm.config.hidden_size)
-    assert torch.equal(deltas["lm_head.image_rows"], ids.sort().values)
-    base = dict(iter_tensors(ckpt, ["lm_head.weight", "model.embed_tokens.weight"]))
-    merged = merge_image_row_deltas(base, deltas)
-    torch.testing.assert_close(merged["lm_head.weight"], head1, rtol=0, atol=1e-7)
-    torch.testing.assert_close(merged["model.embed_tokens.weight"], emb1, rtol=0, atol=1e-7)
-
-    # Merging into the module gives plain Linear/Embedding with identical outputs.
+    # The export holds the rows only, and loading it reproduces the trained weights.
+    out = export_adapter(model, tmp_path / "adapter", ckpt)
+    tensors = read_adapter(out).tensors
+    assert all("trainable_tokens_delta" in k or ".lora_" in k for k in tensors)
+    assert tensors[next(k for k in tensors if "lm_head" in k)].shape == (len(ids), lm.config.hidden_size)
+    updates = weight_updates(read_adapter(out))
+    torch.testing.assert_close(updates.apply("lm_head.weight", ref["lm_head.weight"]), head1, rtol=0, atol=1e-7)
+    merged = load_adapter(load_model(ckpt, mask_image_logits=False, z_loss_weight=cfg.model.z_loss_weight), out)
+    torch.testing.assert_close(merged.model.embed_tokens.weight, emb1, rtol=0, atol=1e-7)
     with torch.no_grad():
-        before = model(input_ids=input_ids, labels=labels).loss
-        merge_image_rows_into_model(model)
-        assert isinstance(lm.lm_head, torch.nn.Linear) and isinstance(lm.model.embed_tokens, torch.nn.Embedding)
-        after = model(input_ids=input_ids, labels=labels).loss
-    torch.testing.assert_close(before, after)
+        torch.testing.assert_close(merged(input_ids=input_ids, labels=labels).loss,
+                                   model(input_ids=input_ids, labels=labels).loss)
 
 
-def test_train_exports_image_rows_file_with_rows_only(ckpt, tmp_path):
+def test_train_exports_image_rows_with_rows_only(ckpt, tmp_path):
+    from chameleon_ft.model.tokens import ChameleonTokens
     from chameleon_ft.training.train import train
     from tests.training.helpers import loader_factory
 
@@ -144,14 +142,12 @@ def test_train_exports_image_rows_file_with_rows_only(ckpt, tmp_path):
                             "model.mask_image_logits": False})
     train(cfg, tmp_path / "run", loader_factory=loader_factory())
     files = sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir())
-    assert files == ["image_rows.safetensors"]
-    from chameleon_ft.export.adapter import load_image_rows
-    from chameleon_ft.model.tokens import ChameleonTokens
-
-    rows = load_image_rows(tmp_path / "run" / "adapter")
-    n_img = 16
-    assert torch.equal(rows.row_ids.sort().values, ChameleonTokens.from_checkpoint(ckpt).image_token_ids)
-    assert rows.deltas["lm_head.weight"].shape == (n_img, 64)
-    assert rows.deltas["model.embed_tokens.weight"].shape == (n_img, 64)
-    assert rows.deltas["lm_head.weight"].abs().sum() > 0
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    adapter = read_adapter(tmp_path / "run" / "adapter")
+    assert adapter.config["peft_type"] == "TRAINABLE_TOKENS"
+    assert sorted(adapter.config["token_indices"]) == ChameleonTokens.from_checkpoint(ckpt).image_token_ids.tolist()
+    rows = weight_updates(adapter).rows
+    base = dict(iter_tensors(ckpt, ["lm_head.weight"]))["lm_head.weight"]
+    idx, values = rows["lm_head.weight"]
+    assert values.shape == (16, 64) and not torch.equal(values, base[idx])  # trained away from the base rows
     assert not (tmp_path / "run" / "model").exists()  # no full-model export for a rows-only adapter

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from chameleon_ft.data import digits
 from chameleon_ft.data.config import DataConfig
-from chameleon_ft.data.readers import read_conversations
+from chameleon_ft.data.formats import digits
+from chameleon_ft.data.reading import read_conversations
 from chameleon_ft.data.sample import Conversation
 
 SKL = load_digits()  # the independent reference: scans and labels straight from scikit-learn
@@ -18,6 +18,12 @@ SKL = load_digits()  # the independent reference: scans and labels straight from
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CHAMELEON_FT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def digits_records(task: str, split: str, image_size: int = 64, prompt_template: str | None = None) -> list[dict]:
+    """The digits data of ``task`` read through the format registry, as canonical records."""
+    cfg = DataConfig(format="digits", task=task, image_size=image_size, prompt_template=prompt_template)
+    return list(read_conversations(cfg, split))
 
 
 def test_splits_disjoint_cover_all_and_stratified():
@@ -35,7 +41,7 @@ def test_splits_disjoint_cover_all_and_stratified():
 def test_vqa_answers_match_sklearn_labels():
     seen_types = Counter()
     for split in ("train", "val", "test"):
-        recs = digits.digits_conversations("vqa", split)
+        recs = digits_records("vqa", split)
         per_image = len(digits.QUESTION_TYPES) if split == "train" else 1
         assert [r["index"] for r in recs] == [i for i in digits.split_indices(split) for _ in range(per_image)]
         for r in recs:
@@ -55,17 +61,17 @@ def test_vqa_answers_match_sklearn_labels():
 
 def test_captioning_and_t2i():
     words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    for r in digits.digits_conversations("captioning", "val"):
+    for r in digits_records("captioning", "val"):
         conv = Conversation.from_record(r)
         assert conv.turns[1].text == f"a handwritten digit {words[SKL.target[conv.index]]}"
         assert conv.turns[0].segments[0].image.path and conv.task == "captioning"
-    recs = digits.digits_conversations("t2i", "test", image_size=32, prompt_template="Draw: {prompt}")
+    recs = digits_records("text_to_image", "test", image_size=32, prompt_template="Draw: {prompt}")
     for r in recs:
         conv = Conversation.from_record(r)
         assert conv.turns[0].text == f"Draw: Draw the digit {SKL.target[conv.index]}"
         assert conv.turns[1].role == "assistant" and len(conv.turns[1].images) == 1
         assert conv.task == "text_to_image"
-    default = Conversation.from_record(digits.digits_conversations("t2i", "val", image_size=64)[0])
+    default = Conversation.from_record(digits_records("text_to_image", "val", image_size=64)[0])
     assert default.turns[0].text.startswith("Generate an image of 64x64 according to the following prompt:\n")
 
 
@@ -81,18 +87,18 @@ def test_rendered_images_are_the_scans(_cache):
 
 
 def test_materialisation_idempotent_and_atomic(_cache):
-    recs = digits.digits_conversations("captioning", "val", image_size=16)
+    recs = digits_records("captioning", "val", image_size=16)
     paths = [Conversation.from_record(r).images[0].path for r in recs]
     assert all(os.path.isfile(p) for p in paths) and len(set(paths)) == 179
     folder = os.path.dirname(paths[0])
     assert str(_cache) in folder and not [f for f in os.listdir(folder) if f.endswith(".tmp")]
     stamps = [os.stat(p).st_mtime_ns for p in paths]
-    again = digits.digits_conversations("captioning", "val", image_size=16)
+    again = digits_records("captioning", "val", image_size=16)
     assert again == recs and [os.stat(p).st_mtime_ns for p in paths] == stamps
 
 
 def test_read_conversations_digits(_cache):
-    ds = read_conversations(DataConfig(name="digits_vqa", image_size=32, max_samples=5), "val")
+    ds = read_conversations(DataConfig(format="digits", task="vqa", image_size=32, max_samples=5), "val")
     assert len(ds) == 5 and ds["index"] == digits.split_indices("val")[:5]
     assert all(t == "vqa" for t in ds["task"])
     Image.open(Conversation.from_record(ds[0]).images[0].path).verify()

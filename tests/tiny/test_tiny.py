@@ -1,8 +1,6 @@
 """The embedded tiny checkpoint: real on-disk layout, both q/k-norm layouts, same model."""
 
 import json
-import subprocess
-import sys
 
 import torch
 from transformers import ChameleonForConditionalGeneration
@@ -10,6 +8,7 @@ from transformers import ChameleonForConditionalGeneration
 from chameleon_ft.model.checkpoint import iter_tensors, load_model, load_tokenizer, tensor_shapes
 from chameleon_ft.model.tokens import ChameleonTokens
 from chameleon_ft.vq.vqgan import load_hf_vqgan, load_meta_vqgan
+from tests.conftest import run_module
 
 
 def test_layout_on_disk_matches_a_real_checkpoint(tiny_grouped):
@@ -63,8 +62,8 @@ def test_ours_equals_stock_transformers_on_the_expanded_checkpoint(tiny_expanded
 
 def test_cli_builds_same_weights_in_either_layout(tmp_path, tiny_grouped):
     out = tmp_path / "tiny-expanded"
-    subprocess.run([sys.executable, "-m", "chameleon_ft.tiny", str(out), "--layout", "expanded"], check=True,
-                   capture_output=True)
+    res = run_module("chameleon_ft.tiny", [f"out={out}", "layout=expanded"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
     built, cached = dict(iter_tensors(out)), dict(iter_tensors(tiny_grouped))
     assert built.keys() == cached.keys()
     for name, t in cached.items():
@@ -72,3 +71,13 @@ def test_cli_builds_same_weights_in_either_layout(tmp_path, tiny_grouped):
         if other.shape != t.shape:  # q/k norm: expanded rows repeat the groups
             other = other[:: other.shape[0] // t.shape[0]]
         assert torch.equal(other, t), name
+
+
+def test_building_the_checkpoint_leaves_the_callers_random_numbers_alone(tmp_path):
+    """A run that builds the tiny checkpoint on first use draws the same numbers afterwards as a cached one."""
+    from chameleon_ft.tiny.build import build_tiny_checkpoint
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    build_tiny_checkpoint(tmp_path / "fresh")
+    assert torch.equal(torch.get_rng_state(), state)

@@ -6,10 +6,13 @@ import datasets
 import pytest
 from PIL import Image
 
-from chameleon_ft.data.config import DataConfig
+from chameleon_ft.data.config import ColumnsConfig, DataConfig
 from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy, DataConfigError, DataFormatError
-from chameleon_ft.data.readers import holdout_indices, most_common_answer, open_image, read_conversations
+from chameleon_ft.data.images import open_image
+from chameleon_ft.data.reading import read_conversations
 from chameleon_ft.data.sample import Conversation
+from chameleon_ft.data.splits import holdout_indices
+from chameleon_ft.tasks.vqa import most_common_answer
 
 
 def _img(path, color=(200, 30, 30), size=(8, 6)):
@@ -18,8 +21,8 @@ def _img(path, color=(200, 30, 30), size=(8, 6)):
     return path
 
 
-def _cfg(tmp_path, **kw):
-    return DataConfig(cache_dir=str(tmp_path / "hf_cache"), **kw)
+def _cfg(tmp_path, columns=None, **kw):
+    return DataConfig(cache_dir=str(tmp_path / "hf_cache"), columns=ColumnsConfig(**(columns or {})), **kw)
 
 
 def _read(cfg, split="train", policy=None):
@@ -67,7 +70,7 @@ def test_llava(tmp_path, fmt):
     _img(tmp_path / "imgs" / "sub" / "y.png")
     f = tmp_path / f"llava.{fmt}"
     f.write_text(json.dumps(LLAVA) if fmt == "json" else "\n".join(json.dumps(r) for r in LLAVA) + "\n\n")
-    convs = _read(_cfg(tmp_path, name="llava", path=str(f), image_root=str(tmp_path / "imgs")))
+    convs = _read(_cfg(tmp_path, format="llava", path=str(f), image_root=str(tmp_path / "imgs")))
     assert [_layout(c) for c in convs] == LLAVA_LAYOUT
     assert [c.index for c in convs] == [0, 1, 2, 3]
     assert all(c.source == str(f) and c.task == "chat" for c in convs)
@@ -79,7 +82,7 @@ def test_llava_image_root_defaults_to_file_dir(tmp_path):
     _img(tmp_path / "x.png")
     f = tmp_path / "d.json"
     f.write_text(json.dumps(LLAVA[:1]))
-    (conv,) = _read(_cfg(tmp_path, name="llava", path=str(f)))
+    (conv,) = _read(_cfg(tmp_path, format="llava", path=str(f)))
     assert conv.images[0].path == str(tmp_path / "x.png")
 
 
@@ -99,7 +102,7 @@ def test_lumina(tmp_path):
     ]
     f = tmp_path / "lumina.json"
     f.write_text(json.dumps(recs))
-    convs = _read(_cfg(tmp_path, name="lumina", path=str(f)))
+    convs = _read(_cfg(tmp_path, format="lumina", path=str(f)))
     assert [_layout(c) for c in convs] == [
         [("user", [("text", "Draw a red box.")]), ("assistant", [("image", "a.png")])],
         [("user", [("text", "Edit"), ("image", "a.png"), ("text", "like"), ("image", "b.png")]),
@@ -121,7 +124,7 @@ def test_coco_captions(tmp_path):
                            {"image_id": 1, "id": 14, "caption": "Kitty."}]}
     f = tmp_path / "captions_train2014.json"
     f.write_text(json.dumps(ann))
-    convs = _read(_cfg(tmp_path, name="coco_captions", path=str(f), image_root=str(tmp_path / "train2014"),
+    convs = _read(_cfg(tmp_path, format="coco_captions", path=str(f), image_root=str(tmp_path / "train2014"),
                        prompt_template="Caption:"))
     assert [c.index for c in convs] == [0, 1]
     assert [_layout(c) for c in convs] == [
@@ -162,7 +165,7 @@ def _vqav2_files(tmp_path):
 
 def test_vqav2(tmp_path):
     tie = _vqav2_files(tmp_path)
-    cfg = _cfg(tmp_path, name="vqav2", path=str(tmp_path / "q.json"), annotations_path=str(tmp_path / "a.json"),
+    cfg = _cfg(tmp_path, format="vqav2", path=str(tmp_path / "q.json"), annotations_path=str(tmp_path / "a.json"),
                image_root=str(tmp_path / "val2014"), prompt_template="{question}")
     c0, c1 = _read(cfg)
     # most common answer, not multiple_choice_answer ("red" has 3 votes, "dark red" 4)
@@ -184,7 +187,7 @@ def test_vqav2(tmp_path):
 def test_vqav2_needs_annotations(tmp_path):
     _vqav2_files(tmp_path)
     with pytest.raises(DataConfigError, match="annotations_path"):
-        read_conversations(_cfg(tmp_path, name="vqav2", path=str(tmp_path / "q.json")), "train")
+        read_conversations(_cfg(tmp_path, format="vqav2", path=str(tmp_path / "q.json")), "train")
 
 
 def test_jsonl_per_task(tmp_path):
@@ -195,7 +198,7 @@ def test_jsonl_per_task(tmp_path):
              {"prompt": "a red patch", "image": "p.png"}]
     f = tmp_path / "mixed.jsonl"
     f.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    convs = _read(_cfg(tmp_path, name="jsonl", path=str(f), image_size=64))
+    convs = _read(_cfg(tmp_path, format="jsonl", path=str(f), image_size=64))
     assert [c.task for c in convs] == ["captioning", "vqa", "vqa", "text_to_image"]
     assert _layout(convs[0]) == [("user", [("image", "p.png"), ("text", "Describe the image briefly.")]),
                                  ("assistant", [("text", "a red patch")])]
@@ -209,7 +212,7 @@ def test_jsonl_per_task(tmp_path):
     # an explicit task with renamed columns
     g = tmp_path / "caps.jsonl"
     g.write_text(json.dumps({"img": "p.png", "text": "red"}) + "\n")
-    (c,) = _read(_cfg(tmp_path, name="jsonl", path=str(g), task="captioning",
+    (c,) = _read(_cfg(tmp_path, format="jsonl", path=str(g), task="captioning",
                       columns={"image": "img", "caption": "text"}))
     assert c.task == "captioning" and c.turns[1].text == "red"
 
@@ -218,7 +221,7 @@ def test_jsonl_text_only_for_image_task(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text(json.dumps({"caption": "no image"}) + "\n")
     with pytest.raises(BadSampleError) as ei:
-        read_conversations(_cfg(tmp_path, name="jsonl", path=str(f)), "train")
+        read_conversations(_cfg(tmp_path, format="jsonl", path=str(f)), "train")
     assert ei.value.reason == "text_only" and ei.value.record == 0
 
 
@@ -237,7 +240,7 @@ def test_hf_dataset_save_to_disk_with_in_memory_images(tmp_path):
     val = datasets.Dataset.from_dict({"picture": [Image.new("RGB", (5, 5), colors[2])], "q": ["Color?"],
                                       "a": ["blue"]}, features=feats)
     datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(str(tmp_path / "ds"))
-    cfg = _cfg(tmp_path, name="hf_dataset", path=str(tmp_path / "ds"), task="vqa",
+    cfg = _cfg(tmp_path, format="hf_dataset", path=str(tmp_path / "ds"), task="vqa",
                columns={"image": "picture", "question": "q", "answer": "a"})
     tr, va = _read(cfg, "train"), _read(cfg, "validation")
     assert [c.turns[1].text for c in tr] == ["red", "green"] and [c.turns[1].text for c in va] == ["blue"]
@@ -253,7 +256,7 @@ def test_hf_dataset_parquet_paths_and_holdout(tmp_path):
     pq = tmp_path / "d.parquet"
     datasets.Dataset.from_dict({"file": [f"{i}.png" for i in range(10)],
                                 "cap": [f"shade {i}" for i in range(10)]}).to_parquet(str(pq))
-    cfg = _cfg(tmp_path, name="hf_dataset", path=str(pq), image_root=str(tmp_path / "im"), task="captioning",
+    cfg = _cfg(tmp_path, format="hf_dataset", path=str(pq), image_root=str(tmp_path / "im"), task="captioning",
                columns={"image": "file", "caption": "cap"}, val_fraction=0.2, seed=3)
     tr, va = _read(cfg, "train"), _read(cfg, "val")
     assert len(tr) == 8 and len(va) == 2
@@ -263,7 +266,7 @@ def test_hf_dataset_parquet_paths_and_holdout(tmp_path):
         assert c.turns[1].text == f"shade {c.index}"
         assert c.images[0].path == str(tmp_path / "im" / f"{c.index}.png")
     with pytest.raises(DataConfigError, match="val_path"):
-        read_conversations(_cfg(tmp_path, name="hf_dataset", path=str(pq), task="captioning",
+        read_conversations(_cfg(tmp_path, format="hf_dataset", path=str(pq), task="captioning",
                                 columns={"image": "file", "caption": "cap"}), "val")
 
 
@@ -273,7 +276,7 @@ def test_hf_dataset_imagefolder(tmp_path):
     _img(root / "b.png", color=(4, 5, 6))
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "first"}) + "\n"
                                          + json.dumps({"file_name": "b.png", "text": "second"}) + "\n")
-    convs = _read(_cfg(tmp_path, name="hf_dataset", path=str(root), task="captioning", columns={"caption": "text"}))
+    convs = _read(_cfg(tmp_path, format="hf_dataset", path=str(root), task="captioning", columns={"caption": "text"}))
     got = {c.turns[1].text: c.images[0] for c in convs}
     assert set(got) == {"first", "second"}
     img = got["second"].open()
@@ -290,7 +293,7 @@ def test_max_samples(tmp_path):
     _img(tmp_path / "x.png")
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps({"image": "x.png", "caption": f"c{i}"}) + "\n" for i in range(5)))
-    convs = _read(_cfg(tmp_path, name="jsonl", path=str(f), max_samples=2))
+    convs = _read(_cfg(tmp_path, format="jsonl", path=str(f), max_samples=2))
     assert [c.turns[1].text for c in convs] == ["c0", "c1"]
 
 
@@ -319,7 +322,7 @@ def test_bad_sample_raise(tmp_path, reason):
     # good, good, bad, good: the bad one is record 2 (blank lines are not records)
     f.write_bytes(b"\n".join([_llava_line(), b"", _llava_line(), BAD_CASES[reason], _llava_line()]) + b"\n")
     with pytest.raises(BadSampleError) as ei:
-        read_conversations(_cfg(tmp_path, name="llava", path=str(f)), "train")
+        read_conversations(_cfg(tmp_path, format="llava", path=str(f)), "train")
     err = ei.value
     assert (err.file, err.record, err.reason) == (str(f), 2, reason)
     assert str(err).startswith(f"{f}: record 2: {reason}")
@@ -333,7 +336,7 @@ def test_bad_samples_skip_counted_and_reported(tmp_path):
         lines += [BAD_CASES[reason], _llava_line()]
     f.write_bytes(b"\n".join(lines) + b"\n")
     policy = BadSamplePolicy("skip")
-    ds = read_conversations(_cfg(tmp_path, name="llava", path=str(f), on_bad_sample="skip"), "train", policy)
+    ds = read_conversations(_cfg(tmp_path, format="llava", path=str(f), on_bad_sample="skip"), "train", policy)
     assert list(ds["index"]) == [0, 2, 4, 6, 8, 10, 12]
     assert policy.counts == {r: 1 for r in BAD_CASES}
     rep = BadSamplePolicy.read_report(policy.write_report(tmp_path / "report.json"))
@@ -350,21 +353,21 @@ def test_non_utf8_in_json_array(tmp_path):
     good = json.dumps(LLAVA[3]).encode()
     f.write_bytes(b"[" + good + b", " + BAD_CASES["non_utf8"] + b"]")
     with pytest.raises(BadSampleError) as ei:
-        read_conversations(_cfg(tmp_path, name="llava", path=str(f)), "train")
+        read_conversations(_cfg(tmp_path, format="llava", path=str(f)), "train")
     assert (ei.value.record, ei.value.reason) == (1, "non_utf8")
 
 
 def test_file_level_errors(tmp_path):
     with pytest.raises(DataFormatError, match="not found"):
-        read_conversations(_cfg(tmp_path, name="llava", path=str(tmp_path / "none.json")), "train")
+        read_conversations(_cfg(tmp_path, format="llava", path=str(tmp_path / "none.json")), "train")
     f = tmp_path / "obj.json"
     f.write_text(json.dumps({"conversations": []}, indent=1))
     with pytest.raises(DataFormatError, match="expected a JSON list"):
-        read_conversations(_cfg(tmp_path, name="llava", path=str(f)), "train")
-    with pytest.raises(DataConfigError, match="data.name"):
-        read_conversations(_cfg(tmp_path, name="sharegpt", path=str(f)), "train")
+        read_conversations(_cfg(tmp_path, format="llava", path=str(f)), "train")
+    with pytest.raises(DataConfigError, match="data.format"):
+        read_conversations(_cfg(tmp_path, format="no_such_format", path=str(f)), "train")
     with pytest.raises(DataConfigError, match="val_path"):
-        read_conversations(_cfg(tmp_path, name="llava", path=str(f)), "val")
+        read_conversations(_cfg(tmp_path, format="llava", path=str(f)), "val")
 
 
 def test_open_image(tmp_path):
@@ -395,7 +398,7 @@ def test_hf_dataset_chat_with_image_list_and_content_parts(tmp_path):
                         {"role": "assistant", "content": [{"type": "text", "text": "two boxes"}]}],
            "images": [Image.new("RGB", (3, 3), (9, 9, 9)), Image.new("RGB", (3, 3), (99, 99, 99))]}
     datasets.Dataset.from_list([row], features=feats).save_to_disk(str(tmp_path / "chat"))
-    (conv,) = _read(_cfg(tmp_path, name="hf_dataset", path=str(tmp_path / "chat"), task="chat",
+    (conv,) = _read(_cfg(tmp_path, format="hf_dataset", path=str(tmp_path / "chat"), task="chat",
                          columns={"conversations": "messages"}))
     assert _layout(conv) == [("user", [("image", "<bytes>"), ("text", "and"), ("image", "<bytes>")]),
                              ("assistant", [("text", "two boxes")])]

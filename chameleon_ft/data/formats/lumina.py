@@ -1,0 +1,18 @@
+"""Lumina-mGPT JSON: ``conversations`` with ``<|image|>`` markers and an ``image`` list.
+
+Images may sit in assistant turns (they are then learned). With no marker at all, every image goes to
+the start of the first user turn; otherwise the marker count must equal ``len(image)``.
+"""
+
+from __future__ import annotations
+
+from chameleon_ft.data.conversation import MarkerRules
+from chameleon_ft.data.formats import register_format
+from chameleon_ft.data.formats.llava import ConversationFormat
+
+
+@register_format
+class LuminaFormat(ConversationFormat):
+    name = "lumina"
+    description = "Lumina-mGPT JSON: <|image|> markers, an image list, images allowed in assistant turns"
+    rules = MarkerRules("<|image|>", unmarked="all")
