@@ -1,4 +1,5 @@
-"""Answer and caption metrics: VQAv2 accuracy, exact match, BLEU-4 and CIDEr-D (coco-caption definitions).
+"""Answer and caption metrics: VQAv2 accuracy (the official evaluation), exact match, BLEU-4 and CIDEr-D
+(coco-caption definitions).
 
 BLEU and CIDEr-D are scored by ``pycocoevalcap``'s pure-Python ``Bleu``/``Cider`` classes (the reference
 coco-caption code); only its Java PTB tokenizer is replaced, by :func:`caption_tokenize`.
@@ -9,15 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-# --- VQAv2 answer normalisation (rules of the official vqaEval.py) ------------------------------------------
+# --- VQAv2 accuracy (the official evaluation, GT-Vision-Lab/VQA vqaEval.py) ------------------------------
 
-# Punctuation the official script strips or turns into spaces. Note: no apostrophe, no period (handled apart).
+# Marks the official script strips or turns into spaces. Not the apostrophe, colon or period (apart below).
 _VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
               "?", "!")
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
-# A period not followed by a digit is dropped ("3.5" survives, "yes." -> "yes"). The official pattern also
-# carries a malformed look-behind that never fires, so this is its effective behaviour.
+# A period not followed by a digit goes ("yes." -> "yes", "3.5" stays). The official pattern also carries a
+# malformed look-behind, "(?!<=\d)", a look-ahead for the text "<=" + digit, which can never hold before a
+# period; and it passes re.UNICODE (32) where re.sub takes its count, so at most 32 periods are removed.
 _PERIOD_STRIP = re.compile(r"\.(?!\d)")
+_PERIOD_STRIP_MAX = 32
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = frozenset({"a", "an", "the"})
@@ -54,15 +57,22 @@ _CONTRACTIONS = {
     "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
     "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
+VQA_NORMALIZATIONS = ("official", "always")
 
 
 class MetricInputError(ValueError):
-    """Predictions and references do not line up, or a reference set is empty."""
+    """Predictions and references do not line up, a reference set is empty, or an option is unknown."""
+
+
+def _vqa_whitespace(text: str) -> str:
+    # Done to every answer and prediction before anything else.
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def _vqa_punctuation(text: str) -> str:
-    # Official rule: a mark touching a space, or any text with a digit,digit comma, is deleted; otherwise
-    # it becomes a space ("black/white" -> "black white", "1,000" -> "1000", "red, blue" -> "red blue").
+    # A mark touching a space, or any mark once the text has a digit,digit comma, is deleted; otherwise it
+    # becomes a space ("black/white" -> "black white", "1,000" -> "1000", "red, blue" -> "red blue"). The tests
+    # look at the original text, the replacements act on the running result.
     delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for p in _VQA_PUNCT:
@@ -70,41 +80,68 @@ def _vqa_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_MAX)
+
+
+def _vqa_digits_articles(text: str) -> str:
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def normalize_vqa_answer(answer: str) -> str:
-    """VQAv2 normalisation: whitespace, punctuation, lowercase, number words -> digits, no articles,
-    contractions restored (e.g. ``"Two dogs."`` -> ``"2 dogs"``, ``"dont"`` -> ``"don't"``)."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    text = _vqa_punctuation(text)
-    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
-    return " ".join(words)
+    """The official VQA answer normalisation: newlines/tabs to spaces and strip; punctuation rule; at most 32
+    periods not before a digit removed; lowercase; number words to digits; articles dropped; apostrophe-less
+    contractions restored (``"Two dogs."`` -> ``"2 dogs"``, ``"dont"`` -> ``"don't"``).
+
+    The official evaluation applies it only to questions whose human answers are not all identical; see
+    :func:`vqa_soft_accuracy`.
+    """
+    return _vqa_digits_articles(_vqa_punctuation(_vqa_whitespace(answer)))
 
 
-def vqa_soft_accuracy(pred: str, answers: Sequence[str]) -> float:
-    """Accuracy of one prediction against the human answers, both normalised with :func:`normalize_vqa_answer`.
+def _check_normalization(normalization: str) -> None:
+    if normalization not in VQA_NORMALIZATIONS:
+        raise MetricInputError(f"unknown VQA normalization {normalization!r}; choose one of {VQA_NORMALIZATIONS}")
+
+
+def vqa_soft_accuracy(pred: str, answers: Sequence[str], *, normalization: str = "official") -> float:
+    """Accuracy of one prediction against its human answers, as the official VQA evaluation scores it.
 
     With 10 answers (VQAv2): the mean over the ten leave-one-out subsets of ``min(#matches in the 9 / 3, 1)``.
-    With any other count the 10-annotator formula does not apply, so this is exact match against any answer
-    (1.0 or 0.0). Unlike the official script, which skips normalisation when all ten answers agree, both
-    sides are always normalised (so "Two" matches ten "2"s).
+    ``normalization="official"`` reproduces the official script exactly: both sides lose newlines, tabs and
+    outer whitespace; when the ten answers are all identical nothing else is done (``"Yes"`` against ten
+    ``"yes"`` scores 0), otherwise both sides go through :func:`normalize_vqa_answer`.
+    ``normalization="always"`` normalises both sides in every case; its numbers are NOT comparable with
+    published VQAv2 results.
+
+    With any other number of answers the 10-annotator formula does not apply and there is no official
+    reference: the score is exact match (1.0 or 0.0) against any answer, both sides always normalised.
     """
+    _check_normalization(normalization)
     if not answers:
         raise MetricInputError("vqa_soft_accuracy: no reference answers")
-    p = normalize_vqa_answer(pred)
-    hits = [normalize_vqa_answer(a) == p for a in answers]
     if len(answers) != 10:
-        return float(any(hits))
+        p = normalize_vqa_answer(pred)
+        return float(any(normalize_vqa_answer(a) == p for a in answers))
+    gts = [_vqa_whitespace(a) for a in answers]
+    res = _vqa_whitespace(pred)
+    if normalization == "always" or len(set(gts)) > 1:
+        gts = [_vqa_digits_articles(_vqa_punctuation(a)) for a in gts]
+        res = _vqa_digits_articles(_vqa_punctuation(res))
+    hits = [g == res for g in gts]
     total = sum(hits)
-    return sum(min((total - h) / 3.0, 1.0) for h in hits) / 10.0
+    # Same float operations, in the same order, as the official script: min(1, n/3) per subset, then the mean.
+    per_subset = [min(1, float(total - h) / 3) for h in hits]
+    return float(sum(per_subset)) / len(per_subset)
 
 
-def vqa_accuracy(preds: Sequence[str], answers_list: Sequence[Sequence[str]]) -> float:
-    """Mean :func:`vqa_soft_accuracy` over questions."""
+def vqa_accuracy(preds: Sequence[str], answers_list: Sequence[Sequence[str]], *,
+                 normalization: str = "official") -> float:
+    """Mean :func:`vqa_soft_accuracy` over questions (the official overall accuracy, as a fraction, unrounded)."""
+    _check_normalization(normalization)
     _check_aligned(preds, answers_list, "vqa_accuracy")
-    return sum(vqa_soft_accuracy(p, a) for p, a in zip(preds, answers_list)) / len(preds)
+    scores = [vqa_soft_accuracy(p, a, normalization=normalization) for p, a in zip(preds, answers_list)]
+    return float(sum(scores)) / len(scores)
 
 
 # --- exact match -------------------------------------------------------------------------------------------
