@@ -1,14 +1,28 @@
-"""Answer and caption metrics: VQAv2 accuracy (the official evaluation), exact match, BLEU-4 and CIDEr-D
-(coco-caption definitions).
+"""Answer and caption metrics, identical to the code published numbers come from.
 
-BLEU and CIDEr-D are scored by ``pycocoevalcap``'s pure-Python ``Bleu``/``Cider`` classes (the reference
-coco-caption code); only its Java PTB tokenizer is replaced, by :func:`caption_tokenize`.
+- VQAv2 accuracy: the official evaluation (GT-Vision-Lab/VQA ``vqaEval.py``), quirks included;
+- BLEU-4 and CIDEr-D: coco-caption end to end: its tokenization (:mod:`chameleon_ft.evaluation.coco_tokenizer`:
+  Stanford's PTBTokenizer through Java, or its Java-free emulation) and ``pycocoevalcap``'s ``Bleu``/``Cider``;
+- exact match after a simple normalisation.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+
+from chameleon_ft.evaluation.coco_tokenizer import (
+    PTB_PYTHON,
+    CaptionTokenizerError,
+    coco_tokenize,
+    resolve_caption_tokenizer,
+)
+
+__all__ = [
+    "VQA_NORMALIZATIONS", "MetricInputError", "bleu4", "caption_metrics", "caption_tokenize", "cider_d",
+    "exact_match", "normalize_text", "normalize_vqa_answer", "resolve_caption_tokenizer", "vqa_accuracy",
+    "vqa_soft_accuracy",
+]
 
 # --- VQAv2 accuracy (the official evaluation, GT-Vision-Lab/VQA vqaEval.py) ------------------------------
 
@@ -167,68 +181,77 @@ def exact_match(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> fl
 
 # --- captioning: BLEU-4 and CIDEr-D ------------------------------------------------------------------------
 
-# coco-caption drops these PTB tokens after tokenising; brackets and quotes are dropped too (PTB turns them into
-# -LRB-, ``, ... which that list removes).
-_CAPTION_DROP = frozenset(".?!,:;-'`\"()[]{}")
-_CAPTION_TOKEN = re.compile(
-    r"n't(?![^\W_])"                                          # clitic split off below: "do n't"
-    r"|'(?:s|re|ve|ll|d|m)(?![^\W_])"                         # clitics: "dog 's", "they 're"
-    r"|[^\W_]+(?:(?:-|'|(?<=\d)[.,](?=\d))[^\W_]+)*"          # words, hyphenated words, o'clock, 3.5, 1,000
-    r"|\S"                                                    # any other single symbol
-)
-
 
 def caption_tokenize(text: str) -> list[str]:
-    """Java-free stand-in for coco-caption's PTB tokenisation + punctuation removal.
-
-    Rule: lowercase; split the clitics ``n't 's 're 've 'll 'd 'm`` off their word (PTB style); tokens are
-    words (letters/digits, joined by inner hyphens or apostrophes, or by ``.``/``,`` between digits) or single
-    symbols; then drop the tokens ``. ? ! , : ; - ' ` "`` and brackets. Same output as coco-caption on plain
-    captions; exotic PTB cases (abbreviations with periods, ``--``) may differ.
-    """
-    text = text.lower().replace("\n", " ")
-    text = re.sub(r"([^\W_])n't(?![^\W_])", r"\1 n't", text)
-    text = re.sub(r"([^\W_])'(s|re|ve|ll|d|m)(?![^\W_])", r"\1 '\2", text)
-    return [t for t in _CAPTION_TOKEN.findall(text) if t not in _CAPTION_DROP]
+    """coco-caption's tokens for one caption on its own (Stanford PTB tokens, lower-cased, coco-caption's
+    punctuation removed), computed Java-free: ``"Mr. Smith can't go (now)."`` ->
+    ``["mr.", "smith", "ca", "n't", "go", "-lrb-", "now", "-rrb-"]``. Scoring uses :func:`coco_tokenize` on
+    whole documents instead, which is what coco-caption does."""
+    line = coco_tokenize([[text]], tokenizer=PTB_PYTHON)[0][0]
+    return line.split(" ") if line else []
 
 
-def _coco_inputs(preds: Sequence[str], refs: Sequence[Sequence[str]]):
-    _check_aligned(preds, refs, "caption_metrics")
-    res, gts = {}, {}
+def _coco_inputs(preds: Sequence[str], refs: Sequence[Sequence[str]], tokenizer: str, what: str):
+    _check_aligned(preds, refs, what)
     for i, (p, rs) in enumerate(zip(preds, refs)):
         if isinstance(rs, str) or not rs:
-            raise MetricInputError(f"caption_metrics: item {i} needs a non-empty list of reference captions")
-        res[i] = [" ".join(caption_tokenize(p))]
-        gts[i] = [" ".join(caption_tokenize(r)) for r in rs]
+            raise MetricInputError(f"{what}: item {i} needs a non-empty list of reference captions")
+        if not isinstance(p, str) or not all(isinstance(r, str) for r in rs):
+            raise MetricInputError(f"{what}: item {i}: predictions and references must be strings, got "
+                                   f"{p!r} and {list(rs)!r}")
+    # Like coco-caption: all references tokenized as one document, all candidates as another.
+    flat_refs = [r for rs in refs for r in rs]
+    try:
+        tok_refs, tok_preds = coco_tokenize([flat_refs, list(preds)], tokenizer=tokenizer)
+    except CaptionTokenizerError as e:
+        raise MetricInputError(f"{what}: {e}") from e
+    gts, res, k = {}, {}, 0
+    for i, rs in enumerate(refs):
+        gts[i] = tok_refs[k: k + len(rs)]
+        k += len(rs)
+        res[i] = [tok_preds[i]]
     if not any(r for rs in gts.values() for r in rs):
-        raise MetricInputError("caption_metrics: every reference caption is empty after tokenisation")
+        raise MetricInputError(f"{what}: every reference caption is empty after tokenisation")
     return res, gts
 
 
-def bleu4(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU-4, coco-caption style: clipped n-gram counts summed over images, brevity penalty with the
-    reference length closest to each candidate, geometric mean of the 1..4-gram precisions."""
+def _bleu4(gts: dict, res: dict) -> float:
     from pycocoevalcap.bleu.bleu import Bleu
 
-    res, gts = _coco_inputs(preds, refs)
     scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return float(scores[3])
 
 
-def cider_d(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """CIDEr-D (coco-caption's ``Cider``): tf-idf n-gram vectors (n = 1..4, document frequencies over the
-    reference sets of these images), candidate counts clipped by each reference, Gaussian length penalty
-    (sigma 6), mean over references, x10, averaged over images. With one image every idf is 0, so it is 0."""
+def _cider(gts: dict, res: dict) -> float:
     from pycocoevalcap.cider.cider import Cider
 
-    res, gts = _coco_inputs(preds, refs)
     score, _ = Cider().compute_score(gts, res)
     return float(score)
 
 
-def caption_metrics(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
-    """``{"bleu4": ..., "cider": ...}`` for candidate captions ``preds[i]`` against references ``refs[i]``."""
-    return {"bleu4": bleu4(preds, refs), "cider": cider_d(preds, refs)}
+def bleu4(preds: Sequence[str], refs: Sequence[Sequence[str]], *, tokenizer: str = "auto") -> float:
+    """Corpus BLEU-4, coco-caption style: clipped n-gram counts summed over images, brevity penalty with the
+    reference length closest to each candidate, geometric mean of the 1..4-gram precisions."""
+    res, gts = _coco_inputs(preds, refs, tokenizer, "bleu4")
+    return _bleu4(gts, res)
+
+
+def cider_d(preds: Sequence[str], refs: Sequence[Sequence[str]], *, tokenizer: str = "auto") -> float:
+    """CIDEr-D (coco-caption's ``Cider``): tf-idf n-gram vectors (n = 1..4, document frequencies over the
+    reference sets of these images), candidate counts clipped by each reference, Gaussian length penalty
+    (sigma 6), mean over references, x10, averaged over images. With one image every idf is 0, so it is 0."""
+    res, gts = _coco_inputs(preds, refs, tokenizer, "cider_d")
+    return _cider(gts, res)
+
+
+def caption_metrics(preds: Sequence[str], refs: Sequence[Sequence[str]], *,
+                    tokenizer: str = "auto") -> dict[str, float]:
+    """``{"bleu4": ..., "cider": ...}`` for candidate captions ``preds[i]`` against references ``refs[i]``,
+    identical to coco-caption's ``COCOEvalCap`` (its tokenization, then its scorers). The captions are
+    tokenized once, in one JVM when Java is used; ``tokenizer`` as in :func:`resolve_caption_tokenizer`, which
+    also tells which backend a value stands for (record it next to the scores)."""
+    res, gts = _coco_inputs(preds, refs, tokenizer, "caption_metrics")
+    return {"bleu4": _bleu4(gts, res), "cider": _cider(gts, res)}
 
 
 def _check_aligned(preds: Sequence, refs: Sequence, what: str) -> None:
