@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -188,3 +189,22 @@ def test_caption_metrics_equal_coco_caption_end_to_end():
     want = {"bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3], "cider": Cider().compute_score(gts, res)[0]}
     assert caption_metrics(preds, refs, tokenizer=PTB_JAVA) == want
     assert caption_metrics(preds, refs, tokenizer=PTB_PYTHON) == want
+
+
+# Pieces random captions are glued from: the constructs the tokenizer treats specially, in bulk.
+_PIECES = (list("aAbBeEiInNoOsStTxXyYzZmMrRlLpP0123456789    ..,,;:!?'\"`-_/\\()[]{}<>@#$%&*+=~^|")
+           + list("\u00a0\u2019\u2018\u201c\u201d\u00ab\u00bb\u2013\u2014\u2026\u00bd\u00e9\u00fc\u00df\u00ad\u20ac"
+                  "\u00a3\u00a2\u00b0\u00b2\u2122\u00d7\u3000\u2009\t\x85\x91\x92\x93\x94\x96\x80")
+           + ["&amp;", "&apos;", "&quot;", "&lt;", "&gt;", "&nbsp;", "U.S.", "Mr.", "etc.", "The ", "He ", "cannot",
+              "gonna", "n't", "'s", "'re", "http://", "www.", ".com", ".pdf", ":)", "^_^", "(^_^)", "\u5317\u4eac",
+              "\U0001F600", "a man ", "dog", " 3.5 ", "1,000", "e.g.", "o'clock", "x-ray", "<b>"])
+
+
+@needs_java
+def test_python_tokenizer_equals_the_jar_on_random_captions():
+    rng = random.Random(20240611)
+    captions = ["".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    jar = ptb_lines([captions], tokenizer=PTB_JAVA)[0]
+    python = ptb_lines([captions], tokenizer=PTB_PYTHON)[0]
+    diffs = _diff(captions, python, jar)
+    assert not diffs, f"{len(diffs)} of {len(captions)} differ:\n" + "\n".join(diffs[:20])
