@@ -31,10 +31,11 @@ def setup(tmp_path_factory):
 def test_vqa_metrics_from_meta_answers():
     metas = [json.dumps({"answers": ["2"] * 10}), {"answers": ["dog"] * 7 + ["cat"] * 3}, {"answers": ["red"]}]
     m = evaluate_predictions("vqa", ["Two", "cat", "blue"], metas)
-    # "Two" -> "2" matches all ten: 1. "cat" matches 3 of 10: leaving out a "dog" keeps 3 matches (1.0),
-    # leaving out a "cat" keeps 2 (2/3); averaged over the ten subsets.
+    # Ten identical answers: the official evaluation normalises nothing, so "Two" does not match "2": 0.
+    # "cat" matches 3 of 10: leaving out a "dog" keeps 3 matches (1.0), leaving out a "cat" keeps 2 (2/3);
+    # averaged over the ten subsets. "blue" has one reference, no match: 0.
     cat = (7 * 1.0 + 3 * (2 / 3)) / 10
-    assert m["acc"] == pytest.approx((1.0 + cat + 0.0) / 3)
+    assert m["acc"] == pytest.approx((0.0 + cat + 0.0) / 3)
     assert m["exact_match"] == pytest.approx(1 / 3)  # only "cat" is literally among its answers
 
 
