@@ -53,7 +53,8 @@ def center_crop_resize(img: Image.Image, size: int, *, rng: random.Random | None
     return img.crop(crop_box(img.size, (size, size), rng))
 
 
-def crop_box(size: tuple[int, int], crop: tuple[int, int], rng: random.Random | None = None) -> tuple[int, int, int, int]:
+def crop_box(size: tuple[int, int], crop: tuple[int, int],
+             rng: random.Random | None = None) -> tuple[int, int, int, int]:
     """The ``(left, top, right, bottom)`` box of a ``crop`` ``(w, h)`` inside an image of ``size`` ``(w, h)``.
 
     Centred (rounded down) without ``rng``; otherwise Lumina-mGPT's random crop: ``left`` then ``top``
@@ -166,7 +167,8 @@ def prepare_image(img: Image.Image, *, image_size: int, buckets: bool = False,
       premultiplies alpha; palettes resample with NEAREST).
 
     ``rng`` (a ``random.Random`` or an int seed) draws the crop offset instead of centring it, as
-    Lumina's training does inside its bucket; ``None`` (the default) crops the centre. Offsets are
+    Lumina's training does inside its bucket (the square path accepts it too; Meta has no random
+    crop); ``None`` (the default) crops the centre. Offsets are
     drawn ``left`` then ``top`` with ``randint``; Lumina draws from the global ``random`` after a
     ``random.choice`` of the bucket, so equal seeds do not give Lumina's exact offsets.
 
@@ -182,7 +184,7 @@ def prepare_image(img: Image.Image, *, image_size: int, buckets: bool = False,
     if not buckets:
         return center_crop_resize(to_rgb_on_white(img), image_size, rng=rng)
     bucket = choose_bucket(img.width, img.height, list(_bucket_table(image_size)))
-    if "transparency" in img.info and img.mode not in ("P", "1"):
+    if "transparency" in img.info and img.mode not in _ALPHA_MODES | {"P", "1"}:  # a colour key
         img = to_rgb_on_white(img)
     elif img.mode == "PA":
         img = img.convert("RGBA")
