@@ -80,6 +80,9 @@ class DataConfig:
     image_size: int = 512  # target side in pixels (multiple of 16; 32 for the lumina layout)
     image_layout: str = "auto"  # auto | chameleon | lumina (auto: from the checkpoint)
     image_buckets: bool = False  # Lumina aspect-ratio buckets instead of a centre-cropped square
+    # Lumina's augmentation: a random crop (inside the bucket) instead of the centre; one per sample, seeded
+    # by data.seed and the record, fixed across epochs (images are VQ-encoded once into the cache).
+    random_crop: bool = False
     label_mask: Optional[str] = None  # assistant | image | all (None: the task's default)
     cfg_dropout: float = 0.0  # text_to_image: probability of dropping the prompt (classifier-free guidance)
 

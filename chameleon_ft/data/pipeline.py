@@ -153,6 +153,8 @@ def build_encoder(data_cfg, assets: CheckpointAssets | str | Path, device=None) 
         label_mask=label_mask(data_cfg),
         max_length=int(data_cfg.max_length),
         unconditional=True,  # cheap to store; lets cfg_dropout change without rebuilding the cache
+        random_crop=bool(data_cfg.random_crop),
+        seed=int(data_cfg.seed),
     )
     return ConversationEncoder(assets.tokenizer, assets.tokens, assets.vqgan(device), opts)
 

@@ -7,7 +7,9 @@ placeholder tokens instead and swaps embeddings inside forward, so the real ids 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,8 @@ class EncoderOptions:
     template: str = "lumina"
     max_length: int = 4096
     unconditional: bool = False  # also build the classifier-free-guidance form (text-to-image)
+    random_crop: bool = False  # Lumina's random crop (inside the bucket) instead of the centre, seeded per sample
+    seed: int = 0
 
 
 class ConversationEncoder:
@@ -43,10 +47,6 @@ class ConversationEncoder:
         self.text_tokenizer, self.tokens, self.opt = text_tokenizer, tokens, options
         self._vqgan = vqgan
         self.template = get_template(options.template, tokens)
-        if options.buckets:
-            from chameleon_ft.vq.preprocess import lumina_buckets
-
-            self.buckets = lumina_buckets(options.image_size)
 
     @property
     def vqgan(self):
@@ -55,33 +55,29 @@ class ConversationEncoder:
         return self._vqgan
 
     # -- images ------------------------------------------------------------------------------------
-    def _prepare_image(self, img):
-        from chameleon_ft.vq.preprocess import center_crop_resize, choose_bucket, resize_to_bucket, to_rgb_on_white
+    @property
+    def image_tokenizer(self):
+        """Preprocessing (Meta's square crop or Lumina's buckets) and batched VQ encoding of PIL images."""
+        if getattr(self, "_image_tokenizer", None) is None:
+            from chameleon_ft.vq.image_tokenizer import ImageTokenizer
 
-        img = to_rgb_on_white(img)
-        if self.opt.buckets:
-            bucket = choose_bucket(img.width, img.height, self.buckets)
-            return resize_to_bucket(img, bucket)
-        return center_crop_resize(img, self.opt.image_size)
+            self._image_tokenizer = ImageTokenizer(self.vqgan, image_size=self.opt.image_size, bucket=self.opt.buckets)
+        return self._image_tokenizer
 
-    @torch.no_grad()
-    def encode_images(self, images: list) -> list[torch.Tensor]:
-        """VQ codes ``[h, w]`` for PIL images, batched by size."""
-        from chameleon_ft.vq.preprocess import pil_to_tensor
+    def encode_images(self, images: list, rngs: list | None = None) -> list[torch.Tensor]:
+        """VQ codes ``[h, w]`` for PIL images, batched by size (``rngs[i]``: a random crop for image ``i``)."""
+        return self.image_tokenizer.encode(images, rngs=rngs)
 
-        pixels = [pil_to_tensor(self._prepare_image(im)) for im in images]
-        out: list[torch.Tensor | None] = [None] * len(pixels)
-        by_size: dict[tuple, list[int]] = {}
-        for i, p in enumerate(pixels):
-            by_size.setdefault(tuple(p.shape), []).append(i)
-        device = next(self.vqgan.parameters()).device
-        for idxs in by_size.values():
-            for s in range(0, len(idxs), 32):
-                chunk = idxs[s : s + 32]
-                codes = self.vqgan.encode(torch.stack([pixels[i] for i in chunk]).to(device)).cpu()
-                for i, c in zip(chunk, codes):
-                    out[i] = c
-        return out  # type: ignore[return-value]
+    def _crop_rngs(self, conv: Conversation) -> list:
+        """Per image of ``conv``: its random-crop generator (seeded by the sample, fixed across epochs since
+        images are VQ-encoded once into the cache), or None for the centre crop."""
+        if not self.opt.random_crop:
+            return [None] * len(conv.images)
+        out = []
+        for k in range(len(conv.images)):
+            digest = hashlib.blake2b(f"{self.opt.seed}:{conv.source}:{conv.index}:{k}".encode(), digest_size=8)
+            out.append(random.Random(int.from_bytes(digest.digest(), "little")))
+        return out
 
     # -- samples -----------------------------------------------------------------------------------
     def _text_ids(self, text: str) -> list[int]:
@@ -102,7 +98,9 @@ class ConversationEncoder:
             except BadSampleError as err:
                 opened.append(err)
         flat = [im for imgs in opened if not isinstance(imgs, BadSampleError) for im in imgs]
-        codes_flat = iter(self.encode_images(flat) if flat else [])
+        rngs = [r for conv, imgs in zip(convs, opened) if not isinstance(imgs, BadSampleError)
+                for r in self._crop_rngs(conv)]
+        codes_flat = iter(self.encode_images(flat, rngs) if flat else [])
         return [imgs if isinstance(imgs, BadSampleError) else [next(codes_flat) for _ in imgs] for imgs in opened]
 
     def encode_batch(self, records: list[dict]) -> list[dict | BadSampleError]:

@@ -21,27 +21,26 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 
 from chameleon_ft.adapter import SETTINGS_FILE, read_adapter, weight_updates
 from chameleon_ft.errors import CheckpointError, ConfigError
 from chameleon_ft.model.checkpoint import (
     LAYOUTS,
+    begin_checkpoint_dir,
+    dtype_size,
     finish_checkpoint_dir,
     is_qk_norm,
     iter_tensors,
     layout_rows,
     load_config,
     plan_shards,
+    tensor_dtypes,
     tensor_shapes,
     to_layout,
-    weight_files,
     write_shards,
 )
 from chameleon_ft.model.tensors import DTYPES
 from chameleon_ft.vq.vqgan import VQ_PREFIX
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass
@@ -84,23 +83,17 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, lay
             raise CheckpointError(f"{files.path}: {name} is {list(t.shape)} in the adapter but {list(shapes[name])} in the base")
 
     # Plan shards from the headers alone (no tensor data read yet).
-    dtypes = {}
-    for f in sorted(set(weight_files(base).values())):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                dtypes[k] = h.get_slice(k).get_dtype()
+    dtypes = tensor_dtypes(base)
     sizes = {}
     for name in sorted(shapes):
         numel = math.prod(shapes[name])
         if is_qk_norm(name):
             numel = layout_rows(name, config, layout) * shapes[name][-1]
         cast = dtype is not None and dtypes[name] in ("F64", "F32", "F16", "BF16") and not name.startswith(VQ_PREFIX)
-        sizes[name] = numel * (dtype.itemsize if cast else _ITEMSIZE[dtypes[name]])
+        sizes[name] = numel * (dtype.itemsize if cast else dtype_size(dtypes[name]))
     shards = plan_shards(sizes, max_shard_bytes)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = begin_checkpoint_dir(out)  # refuses, before any work, an output that is not a checkpoint
 
     def merged_chunk(names):
         chunk = {}

@@ -114,7 +114,7 @@ class Generator:
 
     def decode_image(self, codes: torch.Tensor):
         """A code grid as a PIL image, with the checkpoint's VQGAN."""
-        return codes_to_pil(self.assets.vqgan(self.device), codes)
+        return self.encoder.image_tokenizer.decode([codes])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,28 +236,3 @@ def generate_images(model, tokens: ChameleonTokens, prompts: Sequence[Sequence[i
         codes, _ = ids_to_image(list(prefix) + row, tokens, layout, grid=(h, w))
         results.append({"codes": codes, "token_ids": row})
     return results
-
-
-def codes_to_pil(vqgan, codes: torch.Tensor):
-    """Decode a ``[h, w]`` code grid to a PIL RGB image with the VQGAN."""
-    from PIL import Image
-
-    device = next(vqgan.parameters()).device if hasattr(vqgan, "parameters") else "cpu"
-    with torch.no_grad():
-        img = vqgan.decode(codes.reshape(1, *codes.shape).to(device))
-    if isinstance(img, Image.Image):
-        return img
-    if isinstance(img, (list, tuple)):
-        img = img[0]
-    if isinstance(img, Image.Image):
-        return img
-    t = img.detach().float().cpu()
-    if t.dim() == 4:
-        t = t[0]
-    if t.dtype == torch.uint8 or t.max() > 1.5:
-        arr = t.clamp(0, 255).to(torch.uint8)
-    else:  # [-1, 1] -> uint8, as Meta's decode
-        arr = ((t.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
-    if arr.shape[0] in (1, 3):
-        arr = arr.permute(1, 2, 0)
-    return Image.fromarray(arr.numpy().squeeze()).convert("RGB")

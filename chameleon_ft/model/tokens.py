@@ -6,7 +6,6 @@ hard-codes a number: every id comes from the vocabulary that ships with the chec
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from chameleon_ft.errors import CheckpointError
+from chameleon_ft.model.json_file import read_json
 
 IMAGE_TOKEN_PREFIX = "IMGIMG"
 # Lumina-mGPT's size tokens are <reserved{8800 + pixels // 32}>; row end is <reserved08799>.
@@ -68,6 +68,11 @@ class ChameleonTokens:
     @classmethod
     def from_vocab(cls, vocab: dict[str, int], source: str = "vocabulary") -> ChameleonTokens:
         """Resolve all special tokens and image tokens from ``vocab``; ``source`` names it in errors."""
+        if not isinstance(vocab, dict) or not vocab:
+            raise VocabularyError(f"{source}: the vocabulary is not a non-empty name -> id object")
+        bad = [(k, v) for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+        if bad:
+            raise VocabularyError(f"{source}: token ids must be non-negative integers; {bad[0][0]!r} has {bad[0][1]!r}")
         ids = {}
         for key, name in NAMES.items():
             if name not in vocab:
@@ -76,7 +81,10 @@ class ChameleonTokens:
         codes = {}
         for name, idx in vocab.items():
             if name.startswith(IMAGE_TOKEN_PREFIX):
-                code = image_token_code(name)
+                try:
+                    code = image_token_code(name)
+                except VocabularyError as e:
+                    raise VocabularyError(f"{source}: {e}") from None
                 if code in codes:
                     raise VocabularyError(f"{source}: two image tokens map to VQ code {code}")
                 codes[code] = int(idx)
@@ -94,10 +102,11 @@ class ChameleonTokens:
     def from_checkpoint(cls, path: str | Path) -> ChameleonTokens:
         """Read ``config.json``'s ``vocabulary_map`` of a Hugging Face-format checkpoint directory."""
         cfg_file = Path(path) / "config.json"
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except FileNotFoundError as e:
-            raise VocabularyError(f"{cfg_file}: not found; is {path} a Chameleon checkpoint directory?") from e
+        if not cfg_file.exists():
+            raise VocabularyError(f"{cfg_file}: not found; is {path} a Chameleon checkpoint directory?")
+        cfg = read_json(cfg_file, VocabularyError)
+        if not isinstance(cfg, dict):
+            raise VocabularyError(f"{cfg_file}: not a JSON object")
         vocab = cfg.get("vocabulary_map")
         if not vocab:
             raise VocabularyError(f"{cfg_file}: has no 'vocabulary_map'")

@@ -64,15 +64,16 @@ class TaskEvaluator:
         return out
 
     def _image_samples(self, module, model) -> None:
-        from chameleon_ft.generation.generate import codes_to_pil, generate_images
+        from chameleon_ft.generation.generate import generate_images
+        from chameleon_ft.vq.image_tokenizer import ImageTokenizer
 
         device = next(model.parameters()).device
         size = int(self.cfg.data.image_size)
         rows = self.rows[: int(self.cfg.eval.image_samples)]
         results = generate_images(model, self.assets.tokens, [r["prompt_ids"] for r in rows], width=size, height=size,
                                   layout=self.layout, cfg_scale=float(self.cfg.eval.cfg_scale), seed=int(self.cfg.seed))
-        vqgan = self.assets.vqgan(device)
-        grid = image_grid_of([codes_to_pil(vqgan, r["codes"]) for r in results])
+        decoder = ImageTokenizer(self.assets.vqgan(device), image_size=size)
+        grid = image_grid_of(decoder.decode([r["codes"] for r in results]))
         out = self.run_dir / "samples" / f"step-{module.global_step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)

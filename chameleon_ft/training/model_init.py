@@ -25,7 +25,14 @@ from torch import nn
 from chameleon_ft.adapter import attach_adapters, base_model, base_weight_name, clean_name, reset_token_deltas_
 from chameleon_ft.adapter.attach import TOKEN_DELTA, zero_image_lm_head_
 from chameleon_ft.errors import CheckpointError
-from chameleon_ft.model.checkpoint import iter_tensors, load_config, load_model, tensor_shapes, to_layout
+from chameleon_ft.model.checkpoint import (
+    check_stored_dtypes,
+    iter_tensors,
+    load_config,
+    load_model,
+    tensor_shapes,
+    to_layout,
+)
 from chameleon_ft.model.modeling import ChameleonFTForCausalLM
 from chameleon_ft.model.tensors import resolve_dtype
 from chameleon_ft.vq.vqgan import VQ_PREFIX
@@ -166,6 +173,7 @@ def build_train_model(
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}")
+    check_stored_dtypes(path, expected)
     model.checkpoint_dir = str(path)
     image_ids = model.image_token_ids
     model = attach_adapters(model, peft_cfg)

@@ -6,6 +6,7 @@ from chameleon_ft.vq.preprocess import (
     choose_bucket,
     lumina_buckets,
     pil_to_tensor,
+    prepare_image,
     resize_to_bucket,
     tensor_to_pil,
     to_rgb_on_white,
@@ -26,6 +27,6 @@ from chameleon_ft.vq.vqgan import (
 __all__ = [
     "ImageTokenizer", "ImageTokenizerError", "VQGAN", "VQGANConfig", "VQGANError", "VQGANLoadError",
     "center_crop_resize", "choose_bucket", "load_hf_vqgan", "load_meta_vqgan", "load_vqgan",
-    "lumina_buckets", "pil_to_tensor", "resize_to_bucket", "save_meta_vqgan", "tensor_to_pil", "to_rgb_on_white",
+    "lumina_buckets", "pil_to_tensor", "prepare_image", "resize_to_bucket", "save_meta_vqgan", "tensor_to_pil", "to_rgb_on_white",
     "vq_config_dict", "vqgan_hf_state_dict",
 ]

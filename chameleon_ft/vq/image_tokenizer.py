@@ -9,15 +9,7 @@ import torch
 from PIL import Image
 
 from chameleon_ft.errors import DataError
-from chameleon_ft.vq.preprocess import (
-    center_crop_resize,
-    choose_bucket,
-    lumina_buckets,
-    pil_to_tensor,
-    resize_to_bucket,
-    tensor_to_pil,
-    to_rgb_on_white,
-)
+from chameleon_ft.vq.preprocess import lumina_buckets, pil_to_tensor, prepare_image, tensor_to_pil
 from chameleon_ft.vq.vqgan import VQGAN, VQGANError, load_vqgan
 
 BUCKET_PATCH = 32  # Lumina-mGPT's size tokens count 32-px patches
@@ -73,19 +65,17 @@ class ImageTokenizer:
         return self.vqgan.config.downsample
 
     # --- preprocessing --------------------------------------------------------------------------
-    def preprocess(self, img: Image.Image, bucket: bool | None = None) -> torch.Tensor:
+    def preprocess(self, img: Image.Image, bucket: bool | None = None, rng=None) -> torch.Tensor:
         """``[3, S, S]`` in [-1, 1] (Meta: white background, LANCZOS shortest side, centre crop), or with
-        ``bucket`` (default: the tokenizer's setting) ``[3, bh, bw]`` of the Lumina bucket keeping most of it."""
+        ``bucket`` (default: the tokenizer's setting) ``[3, bh, bw]`` of the Lumina bucket keeping most of it
+        (resized and cropped before compositing, as Lumina does); see
+        :func:`~chameleon_ft.vq.preprocess.prepare_image`. ``rng`` draws a random crop instead of the centre."""
         if not isinstance(img, Image.Image):
             raise ImageTokenizerError(f"preprocess: expected a PIL image, got {type(img).__name__}")
-        img = to_rgb_on_white(img)
-        if self.bucket if bucket is None else bucket:
-            if not self.buckets:
-                raise ImageTokenizerError(f"bucket mode needs image_size a multiple of {BUCKET_PATCH}, got {self.image_size}")
-            img = resize_to_bucket(img, choose_bucket(img.width, img.height, self.buckets))
-        else:
-            img = center_crop_resize(img, self.image_size)
-        return pil_to_tensor(img)
+        bucket = self.bucket if bucket is None else bucket
+        if bucket and not self.buckets:
+            raise ImageTokenizerError(f"bucket mode needs image_size a multiple of {BUCKET_PATCH}, got {self.image_size}")
+        return pil_to_tensor(prepare_image(img, image_size=self.image_size, buckets=bucket, rng=rng))
 
     def _check_tensor(self, t: torch.Tensor, i: int, bucket: bool) -> None:
         c, ds = self.vqgan.config.in_channels, self.downsample
@@ -104,11 +94,14 @@ class ImageTokenizer:
             )
 
     # --- encode / decode --------------------------------------------------------------------------
-    def encode(self, images: Sequence[Image.Image | torch.Tensor], bucket: bool | None = None) -> list[torch.Tensor]:
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image | torch.Tensor], bucket: bool | None = None,
+               rngs: Sequence | None = None) -> list[torch.Tensor]:
         """Code grids ``[h, w]`` (CPU LongTensors), one per image, in input order.
 
-        PIL images are preprocessed; tensors must already be ``[3, H, W]`` float in [-1, 1] (the
-        square size unless in bucket mode). Images of equal size are batched together.
+        PIL images are preprocessed (``rngs[i]``: a random crop for image ``i``); tensors must already be
+        ``[3, H, W]`` float in [-1, 1] (the square size unless in bucket mode). Images of equal size are
+        batched together, on the VQGAN's device.
         """
         if isinstance(images, (Image.Image, torch.Tensor)):
             images = [images]
@@ -116,7 +109,7 @@ class ImageTokenizer:
         tensors = []
         for i, img in enumerate(images):
             if isinstance(img, Image.Image):
-                t = self.preprocess(img, bucket=bucket)
+                t = self.preprocess(img, bucket=bucket, rng=rngs[i] if rngs is not None else None)
             elif isinstance(img, torch.Tensor):
                 t = img
                 self._check_tensor(t, i, bucket)
@@ -130,7 +123,7 @@ class ImageTokenizer:
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
-                batch = torch.stack([tensors[i] for i in chunk])
+                batch = torch.stack([tensors[i] for i in chunk]).to(self.device)
                 try:
                     codes = self.vqgan.encode(batch).cpu()
                 except VQGANError as e:
@@ -139,17 +132,7 @@ class ImageTokenizer:
                     out[i] = c.clone()
         return out
 
-    def encode_path(self, path: str | Path, bucket: bool | None = None) -> torch.Tensor:
-        """Code grid ``[h, w]`` of the image file at ``path``; unreadable files raise naming the file."""
-        path = Path(path)
-        try:
-            with Image.open(path) as im:
-                im.load()
-                img = im.copy()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ImageTokenizerError(f"{path}: cannot read image ({e})") from e
-        return self.encode([img], bucket=bucket)[0]
-
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor | Sequence[torch.Tensor]) -> list[Image.Image]:
         """RGB images of code grids ``[B, h, w]`` (or one ``[h, w]``, or a list of ``[h, w]``)."""
         if isinstance(codes, torch.Tensor):
@@ -170,7 +153,7 @@ class ImageTokenizer:
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
                 try:
-                    pixels = self.vqgan.decode(torch.stack([grids[i] for i in chunk]))
+                    pixels = self.vqgan.decode(torch.stack([grids[i] for i in chunk]).to(self.device))
                 except VQGANError as e:
                     raise ImageTokenizerError(str(e)) from e
                 for i, p in zip(chunk, pixels):

@@ -441,10 +441,13 @@ def _hf_vq_files(checkpoint_dir: Path) -> dict[str, list[str]]:
                 by_file.setdefault(fname, []).append(name)
         source = index
     elif single.is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(single), framework="pt") as f:
-            by_file[single.name] = [k for k in f.keys() if k.startswith(VQ_PREFIX)]
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                by_file[single.name] = [k for k in f.keys() if k.startswith(VQ_PREFIX)]
+        except (SafetensorError, OSError) as e:
+            raise VQGANLoadError(f"{single}: cannot read safetensors ({e})") from e
         source = single
     else:
         raise VQGANLoadError(f"{checkpoint_dir}: no model.safetensors.index.json or model.safetensors")
