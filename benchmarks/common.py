@@ -122,7 +122,19 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss() -> int:
-    """Peak resident set size (``getrusage`` ``ru_maxrss``), in bytes."""
+    """Peak resident set size of this process's address space, in bytes.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, which :func:`reset_peak_rss` resets. Not ``ru_maxrss``:
+    Linux carries that across ``execve`` from the parent, so a worker started by a large process (a test
+    session) would report the parent's size as its own peak. Elsewhere: ``getrusage`` ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
