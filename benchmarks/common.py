@@ -158,6 +158,38 @@ class PeakMeter:
         return False
 
 
+class CudaPeakMeter:
+    """Peak CUDA memory allocated above what was allocated at entry (``torch.cuda.max_memory_allocated``).
+
+    Same fields as :class:`PeakMeter`; ``reset`` is always True (the peak statistics are reset at entry).
+    """
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.baseline = torch.cuda.memory_allocated()
+        self.reset = True
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.peak = torch.cuda.max_memory_allocated()
+        self.delta = max(self.peak - self.baseline, 0)
+        return False
+
+
+def peak_meter(device: str):
+    """The peak-memory meter for ``device``: CUDA allocations on a GPU, resident set size on CPU."""
+    return CudaPeakMeter() if str(device).startswith("cuda") else PeakMeter()
+
+
 # ---------------------------------------------------------------------------------------------
 # Fresh-process workers
 # ---------------------------------------------------------------------------------------------
