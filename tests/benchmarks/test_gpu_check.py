@@ -118,3 +118,30 @@ def test_script_refuses_without_cuda_unless_allowed(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "GPU_CHECK_ALLOW_CPU=1" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_benchmark_parts_on_a_gpu_assemble_every_figure(tmp_path, monkeypatch):
+    # The GPU path of the benchmark parts with the workers faked: 7B LoRA with checkpointing fits in 32
+    # layers, without it only in 16 (so no 32-layer memory figure), then tiny full fine-tuning.
+    calls = []
+
+    def fake(report, part, cpu, **kw):
+        calls.append((part, kw.get("layers"), kw.get("peft", "lora_all_linear")))
+        if part == "bench_ckpt_off" and kw["layers"] > 16:
+            return {"oom": True, "layers": kw["layers"], "error": "CUDA out of memory"}
+        n = 1000 if part != "bench_full_ft" else 5000
+        return {"oom": False, "layers": kw["layers"], "act_ckpt": kw["act_ckpt"], "seq": 4096, "batch": 1,
+                "intervals": [1.0, 1.0], "tokens_per_step": 4096, "peak_flops": 800e12,
+                "model_flops_per_step": 420e12, "executed_flops_per_step": 300e12, "trainable": n, "parameters": n,
+                "weight_bytes": 2 * n, "peak_allocated": 20 * 2**30, "peak_reserved": 21 * 2**30, "device_name": "H200"}
+
+    monkeypatch.setattr(gpu_check, "_bench_measure", fake)
+    report = gpu_check.Report(tmp_path / "r.json", 60, "cuda")
+    gpu_check.run_benchmarks(report, cpu=False)
+    assert calls == [("bench_ckpt_on", 32, "lora_all_linear"), ("bench_ckpt_off", 32, "lora_all_linear"),
+                     ("bench_ckpt_off", 16, "lora_all_linear"), ("bench_full_ft", 4, "none")]
+    head = json.loads((tmp_path / "r.json").read_text())["headline"]
+    assert head["mfu_ckpt_on"] == pytest.approx(420 / 800) and head["tokens_per_s_ckpt_off"] == pytest.approx(4096)
+    assert head["peak_memory_7b_lora_ckpt_on_gib"] == pytest.approx(20)
+    assert head["peak_memory_7b_lora_ckpt_off_gib"] is None  # only 16 layers fitted
+    assert head["peak_memory_tiny_full_ft_gib"] == pytest.approx(20)
