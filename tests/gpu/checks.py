@@ -707,18 +707,17 @@ def check_fused_loss(device: str, *, vocab: int, hidden: int, seq: int, dtype: s
 
     result = CheckResult(f"fused_loss_{dtype}", device)
     dt = DTYPES[dtype]
-    gen = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(dt)
-    h = torch.randn(1, seq, hidden, generator=gen).to(dt)
-    labels = torch.randint(0, vocab, (1, seq), generator=gen)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they are used (65k x 4k on CUDA)
+    weight = (torch.randn(vocab, hidden, generator=gen, device=device) * 0.02).to(dt)
+    h = torch.randn(1, seq, hidden, generator=gen, device=device).to(dt)
+    labels = torch.randint(0, vocab, (1, seq), generator=gen, device=device)
     labels[0, : seq // 8] = IGNORE_INDEX  # a prompt without targets
-    labels = labels.to(device)
     with tf32(False):
-        h1, w1 = (t.to(device, copy=True).requires_grad_() for t in (h, weight))
+        h1, w1 = (t.clone().requires_grad_() for t in (h, weight))
         sums = fused_lm_loss(h1, w1, labels, z_loss_weight=z_loss_weight, chunk_size=chunk)
         n = int(sums.n_tokens)
         (sums.loss_sum / n).backward()
-        h2, w2 = (t.to(device, torch.float32, copy=True).requires_grad_() for t in (h, weight))
+        h2, w2 = (t.to(torch.float32, copy=True).requires_grad_() for t in (h, weight))
         logits = (h2[:, :-1] @ w2.t()).reshape(-1, vocab)
         y = labels[:, 1:].reshape(-1)
         keep = y != IGNORE_INDEX
