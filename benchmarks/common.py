@@ -122,7 +122,19 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss() -> int:
-    """Peak resident set size (``getrusage`` ``ru_maxrss``), in bytes."""
+    """Peak resident set size of this process's address space, in bytes.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, which :func:`reset_peak_rss` resets. Not ``ru_maxrss``:
+    Linux carries that across ``execve`` from the parent, so a worker started by a large process (a test
+    session) would report the parent's size as its own peak. Elsewhere: ``getrusage`` ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -144,6 +156,38 @@ class PeakMeter:
         self.peak = peak_rss()
         self.delta = max(self.peak - self.baseline, 0)
         return False
+
+
+class CudaPeakMeter:
+    """Peak CUDA memory allocated above what was allocated at entry (``torch.cuda.max_memory_allocated``).
+
+    Same fields as :class:`PeakMeter`; ``reset`` is always True (the peak statistics are reset at entry).
+    """
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.baseline = torch.cuda.memory_allocated()
+        self.reset = True
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.peak = torch.cuda.max_memory_allocated()
+        self.delta = max(self.peak - self.baseline, 0)
+        return False
+
+
+def peak_meter(device: str):
+    """The peak-memory meter for ``device``: CUDA allocations on a GPU, resident set size on CPU."""
+    return CudaPeakMeter() if str(device).startswith("cuda") else PeakMeter()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,12 +14,16 @@ Figures (seq 4096, batch 1):
 - ``gpu_training hfu ckpt=on|off``: the same with the FLOPs the step really executes, counted by
   ``torch.utils.flop_counter`` on one extra step (LoRA skips the frozen weights' gradients).
 - ``gpu_training tokens/s ckpt on/off``: what activation checkpointing costs in throughput.
-- ``gpu_training peak memory``: ``torch.cuda.max_memory_allocated`` over the training steps (optimizer
-  state included) for the full 32-layer shape with checkpointing, against a 24 GiB card. Goal <= 1.
+- ``gpu_training peak memory ckpt=on|off``: ``torch.cuda.max_memory_allocated`` over the training steps
+  (optimizer state included) for the full 32-layer shape, against a 24 GiB card. Goal <= 1 with
+  checkpointing (without it, for comparison).
+- ``gpu_training tiny full-FT peak memory``: the same for full fine-tuning (every weight trains, fp32
+  weights, gradients and Adam state) of the embedded tiny model's shape at seq 4096, against the 16 bytes
+  per parameter those four fp32 copies take.
 
 A run that does not fit on the GPU is retried with half the layers (the per-layer work, and so the
-MFU, hardly changes); the figure's notes say how many layers ran. The memory figure is only reported
-for the full 32 layers.
+MFU, hardly changes); the figure's notes say how many layers ran. The 7B memory figures are only
+reported for the full 32 layers.
 """
 
 from __future__ import annotations
@@ -43,6 +47,20 @@ PEFT = "lora_all_linear"  # the text_to_image recipe's adapter
 CASES = {"warmup": 3, "steps": 10, "rounds": 2}
 QUICK_CASES = {"warmup": 2, "steps": 4, "rounds": 1}
 MIN_LAYERS = 4
+FULL_FT_BYTES_PER_PARAM = 16  # fp32 weight, gradient, Adam m and v
+
+
+def tiny_shape() -> dict:
+    """The shape of the embedded tiny checkpoint (:mod:`chameleon_ft.tiny`), vocabulary size included."""
+    import json
+
+    from chameleon_ft.tiny import TINY_MODEL, TINY_VQ, build_tokenizer_json
+
+    vocab = json.loads(build_tokenizer_json(TINY_VQ["n_embed"]))["model"]["vocab"]
+    return {"hidden": TINY_MODEL["hidden_size"], "intermediate": TINY_MODEL["intermediate_size"],
+            "layers": TINY_MODEL["num_hidden_layers"], "heads": TINY_MODEL["num_attention_heads"],
+            "kv_heads": TINY_MODEL["num_key_value_heads"], "vocab": max(vocab.values()) + 1,
+            "num_codes": TINY_VQ["n_embed"], "groups": TINY_MODEL["model_parallel_size"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +241,7 @@ def measure(*, act_ckpt: bool, layers: int, seq: int = SEQ, batch: int = 1, warm
         "model_flops_per_step": training_flops_per_token(config, seq, recompute=act_ckpt) * tokens,
         "executed_flops_per_step": executed,
         "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in module.parameters()),
         "weight_bytes": clock.weight_bytes, **memory,
         "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
@@ -266,9 +285,10 @@ def figures_from(results: dict[bool, list[dict]]) -> list[dict]:
         out.append(figure(f"gpu_training hfu ckpt={tag}", executed_rate / 1e12, peak / 1e12, unit="TFLOP/s",
                           notes=f"executed FLOPs (torch.utils.flop_counter; LoRA skips frozen weight grads) vs "
                                 f"the same peak; {where}"))
-        if act_ckpt and first["layers"] == SHAPE_7B["layers"] and "peak_allocated" in first:
+        if first["layers"] == SHAPE_7B["layers"] and "peak_allocated" in first:
             peak_gib = max(r["peak_allocated"] for r in runs) / GiB
-            out.append(figure("gpu_training peak memory", peak_gib, MEMORY_BUDGET_GIB, goal=MEMORY_GOAL, unit="GiB",
+            out.append(figure(f"gpu_training peak memory ckpt={tag}", peak_gib, MEMORY_BUDGET_GIB,
+                              goal=MEMORY_GOAL if act_ckpt else None, unit="GiB",
                               notes=f"max_memory_allocated over the training steps (weights "
                                     f"{first['weight_bytes'] / GiB:.1f} GiB, Adam state included; reserved "
                                     f"{max(r['peak_reserved'] for r in runs) / GiB:.1f} GiB) vs a 24 GiB card; "
@@ -279,8 +299,29 @@ def figures_from(results: dict[bool, list[dict]]) -> list[dict]:
     return out
 
 
+def full_ft_figure(res: dict) -> list[dict]:
+    """The tiny full fine-tuning row from its worker result (none without CUDA memory statistics)."""
+    if "peak_allocated" not in res:
+        return []
+    need = FULL_FT_BYTES_PER_PARAM * res["parameters"]
+    return [figure("gpu_training tiny full-FT peak memory", res["peak_allocated"] / GiB, need / GiB, unit="GiB",
+                   notes=f"max_memory_allocated, full fine-tuning (peft=none, {res['trainable']:,} of "
+                         f"{res['parameters']:,} parameters train) of the tiny model's shape, seq {res['seq']}, "
+                         f"batch {res['batch']}, no checkpointing, vs {FULL_FT_BYTES_PER_PARAM} bytes per "
+                         f"parameter (fp32 weight, gradient, Adam m and v); {res['device_name']}")]
+
+
+def measure_full_ft(params: dict, measure_fn=None) -> dict:
+    """Worker result of full fine-tuning of the tiny model's shape (seq 4096, no checkpointing)."""
+    measure_fn = measure_fn or (lambda **kw: run_worker("gpu_training", "measure", timeout=900, **kw))
+    shape = tiny_shape()
+    return measure_fn(act_ckpt=False, layers=shape["layers"], warmup=params["warmup"], steps=params["steps"],
+                      shape=shape, peft="none")
+
+
 def run(quick: bool) -> list[dict]:
-    """Activation checkpointing on and off, alternating, ``rounds`` times each."""
+    """Activation checkpointing on and off, alternating, ``rounds`` times each; then full fine-tuning
+    of the tiny model."""
     require_cuda()
     import torch
 
@@ -291,4 +332,4 @@ def run(quick: bool) -> list[dict]:
     for r in range(params["rounds"]):
         for act_ckpt in ((True, False) if r % 2 == 0 else (False, True)):
             results[act_ckpt].append(fit_layers(act_ckpt, params))
-    return figures_from(results)
+    return figures_from(results) + full_ft_figure(measure_full_ft(params))

@@ -1,9 +1,11 @@
-"""Peak memory of the fused chunked LM loss vs stock cross-entropy on float32 logits (CPU, peak RSS).
+"""Peak memory of the fused chunked LM loss vs stock cross-entropy on float32 logits.
 
 Setup (as in a LoRA run): the LM head weight is frozen, the final hidden states require grad. Both
 methods run forward and backward on the same seeded inputs, each in a fresh process; the figure is the
-peak RSS above the RSS right after the inputs were allocated. The baseline is what stock transformers
-does (``ForCausalLMLoss``): project every position, ``logits.float()``, ``F.cross_entropy``.
+peak above what was in use right after the inputs were allocated: resident set size on CPU,
+``torch.cuda.max_memory_allocated`` on a GPU (the ``cuda`` figure, only where CUDA is present). The
+baseline is what stock transformers does (``ForCausalLMLoss``): project every position,
+``logits.float()``, ``F.cross_entropy``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import GiB, PeakMeter, figure, median, run_worker
+from benchmarks.common import GiB, figure, median, peak_meter, run_worker
 
 VOCAB, HIDDEN, SEQ = 65_536, 4_096, 4_096
 GOAL = "<= 0.25"
 
 
-def measure(method: str, dtype: str, vocab: int, hidden: int, seq: int, seed: int, chunk_size: int, out: str) -> dict:
-    """Worker: one forward+backward of ``method`` (``"fused"`` or ``"plain"``); saves loss and grad to ``out``."""
+def measure(method: str, dtype: str, vocab: int, hidden: int, seq: int, seed: int, chunk_size: int, out: str,
+            device: str = "cpu") -> dict:
+    """Worker: one forward+backward of ``method`` (``"fused"`` or ``"plain"``) on ``device``; saves loss and
+    grad to ``out``."""
     import torch
     import torch.nn.functional as F
 
@@ -26,10 +30,10 @@ def measure(method: str, dtype: str, vocab: int, hidden: int, seq: int, seed: in
 
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(vocab, hidden, generator=gen, dtype=dt).mul_(0.02)  # frozen head
-    h = torch.randn(1, seq, hidden, generator=gen, dtype=dt).requires_grad_()
-    labels = torch.randint(0, vocab, (1, seq), generator=gen)
-    with PeakMeter() as m:
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=dt).mul_(0.02).to(device)  # frozen head
+    h = torch.randn(1, seq, hidden, generator=gen, dtype=dt).to(device).requires_grad_()
+    labels = torch.randint(0, vocab, (1, seq), generator=gen).to(device)
+    with peak_meter(device) as m:
         if method == "fused":
             sums = fused_lm_loss(h, weight, labels, chunk_size=chunk_size)
             loss = sums.loss_sum / sums.n_tokens
@@ -40,7 +44,7 @@ def measure(method: str, dtype: str, vocab: int, hidden: int, seq: int, seed: in
         else:
             raise ValueError(f"unknown method {method!r}")
         loss.backward()
-    torch.save({"loss": loss.detach().float(), "grad": h.grad.float()}, out)
+    torch.save({"loss": loss.detach().float().cpu(), "grad": h.grad.float().cpu()}, out)
     return {"delta": m.delta, "baseline": m.baseline, "peak": m.peak, "reset": m.reset, "seconds": m.seconds}
 
 
@@ -58,8 +62,8 @@ def _diffs(fused_file: Path, plain_file: Path) -> dict:
 
 
 def figures(cases: list[tuple[str, int]], *, vocab: int = VOCAB, hidden: int = HIDDEN, seq: int = SEQ,
-            chunk_size: int = 1024, seed: int = 0) -> list[dict]:
-    """Measure each ``(dtype, repeats)`` case; fused and plain alternate so drift hits both alike."""
+            chunk_size: int = 1024, seed: int = 0, device: str = "cpu") -> list[dict]:
+    """Measure each ``(dtype, repeats)`` case on ``device``; fused and plain alternate so drift hits both alike."""
     out = []
     with tempfile.TemporaryDirectory(prefix="loss_memory_") as tmp:
         for dtype, repeats in cases:
@@ -67,7 +71,7 @@ def figures(cases: list[tuple[str, int]], *, vocab: int = VOCAB, hidden: int = H
             for r in range(repeats):
                 files = {m: Path(tmp) / f"{dtype}_{m}_{r}.pt" for m in ("fused", "plain")}
                 run = {m: run_worker("loss_memory", "measure", method=m, dtype=dtype, vocab=vocab, hidden=hidden,
-                                     seq=seq, seed=seed, chunk_size=chunk_size, out=str(files[m]))
+                                     seq=seq, seed=seed, chunk_size=chunk_size, out=str(files[m]), device=device)
                        for m in (("plain", "fused") if r % 2 else ("fused", "plain"))}
                 fused.append(run["fused"]["delta"])
                 plain.append(run["plain"]["delta"])
@@ -77,26 +81,35 @@ def figures(cases: list[tuple[str, int]], *, vocab: int = VOCAB, hidden: int = H
                 for f in files.values():
                     f.unlink()
             short = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+            cuda = device.startswith("cuda")
             out.append(figure(
-                f"loss_memory {short}",
+                f"loss_memory {short}" + (" cuda" if cuda else ""),
                 median(fused) / GiB,
                 median(plain) / GiB,
                 ratio=median(ratios),
                 goal=GOAL,
                 unit="GiB",
                 notes=(f"fused chunked CE vs F.cross_entropy(logits.float()); fwd+bwd, frozen head; "
+                       f"{'torch.cuda.max_memory_allocated' if cuda else 'peak RSS'}; "
                        f"V={vocab} H={hidden} T={seq} B=1, chunk {chunk_size}; loss diff {diffs['loss_abs_diff']:.1e}, "
                        f"max grad diff {diffs['grad_max_abs_diff']:.1e} (max grad {diffs['grad_max_abs']:.1e}); n={repeats}"),
                 samples={"fused_bytes": fused, "plain_bytes": plain, "ratios": ratios},
                 check=diffs,
                 dtype=dtype,
+                meter="cuda_max_memory_allocated" if cuda else "peak_rss",
             ))
     return out
 
 
 def run(quick: bool) -> list[dict]:
-    """bf16 (what a real run uses) and, unless ``quick``, fp32 weights/hidden at V=65,536, H=4,096, T=4,096.
+    """bf16 (what a real run uses) and, unless ``quick``, fp32 weights/hidden at V=65,536, H=4,096, T=4,096;
+    with CUDA also bf16 on the GPU.
 
     A pair of fp32 runs takes about a minute on 2 CPU cores, hence 2 repeats and none in quick mode.
     """
-    return figures([("bfloat16", 3)] if quick else [("bfloat16", 3), ("float32", 2)])
+    import torch
+
+    out = figures([("bfloat16", 3)] if quick else [("bfloat16", 3), ("float32", 2)])
+    if torch.cuda.is_available():
+        out += figures([("bfloat16", 1 if quick else 3)], device="cuda")
+    return out

@@ -72,3 +72,22 @@ def test_cli_rejects_unknown_benchmark_and_lists(capsys):
     assert e.value.code == 2
     assert main(["--list"]) == 0
     assert capsys.readouterr().out.split() == list(BENCHMARKS)
+
+
+def test_a_worker_started_by_a_large_process_measures_only_its_own_peak():
+    # Linux carries ru_maxrss across execve: a child of a large process would inherit the parent's size as
+    # its "peak". The meter must see only what the child itself used (here 64 MiB inside the block).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ballast = bytearray(512 * 2**20)  # resident in this (parent) process
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    code = ("from benchmarks.common import PeakMeter\n"
+            "with PeakMeter() as m:\n    b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096])\n"
+            "print(m.delta)")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    delta = int(out.stdout.strip().splitlines()[-1])
+    assert 60 * 2**20 <= delta < 160 * 2**20
+    del ballast
