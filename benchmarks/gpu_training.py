@@ -54,7 +54,7 @@ def tiny_shape() -> dict:
     """The shape of the embedded tiny checkpoint (:mod:`chameleon_ft.tiny`), vocabulary size included."""
     import json
 
-    from chameleon_ft.tiny import TINY_MODEL, TINY_VQ, build_tokenizer_json
+    from chameleon_ft.tiny.build import TINY_MODEL, TINY_VQ, build_tokenizer_json
 
     vocab = json.loads(build_tokenizer_json(TINY_VQ["n_embed"]))["model"]["vocab"]
     return {"hidden": TINY_MODEL["hidden_size"], "intermediate": TINY_MODEL["intermediate_size"],

@@ -344,6 +344,20 @@ def _random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def load_for_generation(base, adapter=None, *, dtype: torch.dtype, device):
+    """The base checkpoint on ``device`` in ``dtype``, with ``adapter`` merged in (as evaluation loads it)."""
+    from chameleon_ft.adapter import load_adapter
+    from chameleon_ft.model.assets import CheckpointAssets
+
+    model = CheckpointAssets.open(base).load_model(dtype=dtype, device=device)
+    return (load_adapter(model, adapter) if adapter is not None else model).eval()
+
+
+def user_turn_ids(tokens, tok, text: str) -> list[int]:
+    """One user turn in the Lumina-mGPT chat template: <s> text <reserved08706>."""
+    return [tokens.bos, *tok.encode(text, add_special_tokens=False), tokens.eot]
+
+
 def check_adapter_roundtrip(run: TrainRun, *, batch: int = 2, seq: int = 48) -> CheckResult:
     """The adapter ``run`` exported loads on CPU and gives the logits of the trained model on its device.
 
@@ -353,8 +367,6 @@ def check_adapter_roundtrip(run: TrainRun, *, batch: int = 2, seq: int = 48) -> 
     Image-token logits are masked (the dtype's minimum) in all three and left out.
     """
     from omegaconf import OmegaConf
-
-    from chameleon_ft.generation.generate import load_for_generation
 
     device, result = run.device, CheckResult(f"adapter_roundtrip_{run.precision}", run.device)
     cfg = OmegaConf.load(run.run_dir / "config.yaml")
@@ -508,7 +520,7 @@ def check_vq_codes(device: str, *, n_images: int | None = None, batch_size: int 
     further. With PyTorch's defaults (TF32 convolutions: 10-bit mantissa, ~1e-3 relative error; fp32
     matmuls), which pre-tokenization runs with, mismatches are reported and must be within ``1e-2``.
     """
-    from chameleon_ft.data.digits import load_scans, render_digit
+    from chameleon_ft.data.formats.digits import load_scans, render_digit
     from chameleon_ft.vq import ImageTokenizer, load_vqgan, pil_to_tensor
 
     result = CheckResult("vq_codes", device)
@@ -583,7 +595,7 @@ def _text_scores(model, rows: list[list[int]], device) -> list[torch.Tensor]:
 
 def _cfg_scores(model, pairs, gens, image_ids, device) -> list[torch.Tensor]:
     """Guided log-probabilities ``g * (cond - uncond) + uncond`` predicting each generated image token."""
-    from chameleon_ft.generation.generate import image_logits_unmasked
+    from chameleon_ft.model.modeling import image_logits_unmasked
 
     out = []
     with torch.no_grad(), image_logits_unmasked(model):
@@ -607,16 +619,10 @@ def check_generation(device: str, dtype: str, *, max_new_tokens: int = 12, image
     from the same seed, and ``torch.multinomial`` differs per device. It must be reproducible on the
     device and give a complete grid of image codes.
     """
-    from chameleon_ft.generation.generate import (
-        ImageRequest,
-        generate_images,
-        generate_text,
-        load_for_generation,
-        t2i_prompt_ids,
-        user_turn_ids,
-    )
+    from chameleon_ft.generation.generate import generate_images, generate_text, image_prefix
     from chameleon_ft.model.checkpoint import load_tokenizer
     from chameleon_ft.model.tokens import ChameleonTokens
+    from chameleon_ft.tasks import get_task
 
     result = CheckResult(f"generation_{dtype}", device)
     path = tiny_path()
@@ -649,11 +655,14 @@ def check_generation(device: str, dtype: str, *, max_new_tokens: int = 12, image
         result.expect(all(len(t) > 0 for t in ref_text), "the reference generated an empty answer; nothing was compared")
 
         # Images: greedy CFG, then seeded sampling.
-        reqs = [ImageRequest(p, image_size, image_size) for p in IMAGE_PROMPTS]
-        kw = dict(cfg_scale=CFG_SCALE, image_top_k=64)
-        ref_img = [r["token_ids"] for r in generate_images(ref_model, tokens, tok, reqs, sample=False, **kw)]
-        dev_img = [r["token_ids"] for r in generate_images(dev_model, tokens, tok, reqs, sample=False, **kw)]
-        pairs = [t2i_prompt_ids(tokens, tok, r.prompt, image_size, image_size) for r in reqs]
+        template = get_task("text_to_image").prompt_template
+        reqs = [user_turn_ids(tokens, tok, template.format(prompt=p, width=image_size, height=image_size))
+                for p in IMAGE_PROMPTS]
+        kw = dict(width=image_size, height=image_size, cfg_scale=CFG_SCALE, image_top_k=64)
+        ref_img = [r["token_ids"] for r in generate_images(ref_model, tokens, reqs, sample=False, **kw)]
+        dev_img = [r["token_ids"] for r in generate_images(dev_model, tokens, reqs, sample=False, **kw)]
+        prefix = image_prefix(tokens, image_size, image_size, "lumina")
+        pairs = [(r + prefix, list(prefix)) for r in reqs]
         image_ids = tokens.image_token_ids
         gens = [g[:-1] for g in ref_img]  # the last token (end of image) predicts nothing
         ref_cfg = _cfg_scores(ref_model, pairs, gens, image_ids, "cpu")
@@ -676,7 +685,7 @@ def check_generation(device: str, dtype: str, *, max_new_tokens: int = 12, image
         result.expect(img_margin <= 2 * tol * cfg_scale,
                       f"greedy CFG image diverges from CPU where the CPU margin is {img_margin:.3g}")
 
-        sampled = [[r["token_ids"] for r in generate_images(m, tokens, tok, reqs, seed=s, **kw)]
+        sampled = [[r["token_ids"] for r in generate_images(m, tokens, reqs, seed=s, **kw)]
                    for m, s in ((dev_model, 5), (dev_model, 5), (ref_model, 5))]
         grid = (image_size // 16) ** 2
         result.figures.update({"sampled_reproducible": sampled[0] == sampled[1],
