@@ -113,6 +113,12 @@ class EvalConfig:
     max_samples: Optional[int] = None
     image_samples: int = 4  # text-to-image: decoded sample grid size per validation
     cfg_scale: float = 3.0
+    # official: exactly GT-Vision-Lab's vqaEval.py (comparable with published numbers); always: normalise
+    # every answer and prediction (not comparable).
+    vqa_normalization: str = "official"
+    # Caption tokenization before BLEU/CIDEr: auto (coco-caption's own PTB tokenizer when java is on PATH,
+    # else our Java-free equal) | ptb-java | ptb-python.
+    caption_tokenizer: str = "auto"
 
 
 @dataclass

@@ -25,11 +25,17 @@ class MarkerRules:
 
     ``marker``: the placeholder string. ``unmarked``: where images go when the text has no marker at all,
     ``"single"`` (LLaVA: one image allowed, at the start of the first user turn) or ``"all"`` (Lumina:
-    every image there).
+    every image there). ``verbatim``: text next to a marker is kept exactly as written (Lumina-mGPT
+    tokenizes the whole conversation, so the newline in ``"<|image|>\n..."`` and the space in
+    ``"... <|image|>"`` are tokens); otherwise whitespace that only separates a marker from the text is
+    dropped. ``implicit_separator``: what follows each image put at the start of the first user turn when
+    the text has no marker (Lumina-mGPT inserts ``"<|image|> "``).
     """
 
     marker: str = "<image>"
     unmarked: str = "single"
+    verbatim: bool = False
+    implicit_separator: str = ""
 
 
 def _pieces(content: Any, marker: str, file: str, index: int, turn: int) -> list:
@@ -59,17 +65,24 @@ def _pieces(content: Any, marker: str, file: str, index: int, turn: int) -> list
                          f"turn {turn}: content must be a string, got {type(content).__name__}")
 
 
-def _segments(pieces: list, images: list[ImageRef]) -> list[Segment]:
-    """Text pieces and image marks -> segments. Whitespace that only separated a marker from the text is
-    dropped (an image has its own begin/end tokens); other text is kept verbatim."""
+def _segments(pieces: list, images: list[ImageRef], verbatim: bool) -> list[Segment]:
+    """Text pieces and image marks -> segments. Unless ``verbatim``, whitespace that only separated a marker
+    from the text is dropped (an image has its own begin/end tokens); other text is kept as written."""
+    merged: list = []  # adjacent text pieces are one text (tokenized together, as in the whole string)
+    for p in pieces:
+        if p is not _MARK and merged and merged[-1] is not _MARK:
+            merged[-1] += p
+        else:
+            merged.append(p)
+    pieces = merged
     segs: list[Segment] = []
     for k, p in enumerate(pieces):
         if p is _MARK:
             segs.append(Segment(image=images.pop(0)))
             continue
-        if k > 0 and pieces[k - 1] is _MARK:
+        if not verbatim and k > 0 and pieces[k - 1] is _MARK:
             p = p.lstrip()
-        if k + 1 < len(pieces) and pieces[k + 1] is _MARK:
+        if not verbatim and k + 1 < len(pieces) and pieces[k + 1] is _MARK:
             p = p.rstrip()
         if p:
             segs.append(Segment.of_text(p))
@@ -99,9 +112,12 @@ def chat_conversation(messages: Any, images: list[ImageRef], rules: MarkerRules,
     n_marks = sum(p is _MARK for c in contents for p in c)
     if n_marks == 0 and refs and (rules.unmarked == "all" or len(refs) == 1):
         first = roles.index("user") if "user" in roles else 0
-        contents[first] = [_MARK] * len(refs) + contents[first]
+        implicit: list = []
+        for _ in refs:
+            implicit += [_MARK, rules.implicit_separator]
+        contents[first] = implicit + contents[first]
     elif n_marks != len(refs):
         raise BadSampleError(file, index, "placeholder_count",
                              f"{n_marks} {rules.marker} markers but {len(refs)} images")
-    turns = [Turn(r, _segments(c, refs)) for r, c in zip(roles, contents, strict=True)]
+    turns = [Turn(r, _segments(c, refs, rules.verbatim)) for r, c in zip(roles, contents, strict=True)]
     return Conversation(turns, task, dict(meta or {}), file, index)

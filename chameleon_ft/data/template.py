@@ -8,7 +8,9 @@ Label masks decide which tokens are learned (everything else is -100):
 
 - ``assistant``: assistant text, the assistant's end-of-turn token, and
   every image inside an assistant turn in full (begin-image, size tokens, codes, row ends, end-image);
-- ``image``: only the image spans of assistant turns, end-image included (text-to-image);
+- ``image``: the image spans of assistant turns in full (end-image included) and the end-of-turn token
+  after an assistant turn that holds an image (text-to-image; Lumina-mGPT learns it too, and a model that
+  never learns it does not close its turn after drawing);
 - ``all``: every token after ``<s>``.
 """
 
@@ -67,7 +69,8 @@ class LuminaTemplate:
                 learn = label_mask == "all" or (assistant and (label_mask != "image" or piece.is_image))
                 ids += piece.ids
                 labels += piece.ids if learn else [IGNORE_INDEX] * len(piece.ids)
-            learn_eot = label_mask == "all" or (assistant and label_mask != "image")
+            drew = any(p.is_image for p in turn.pieces)
+            learn_eot = label_mask == "all" or (assistant and (label_mask != "image" or drew))
             ids.append(self.tokens.eot)
             labels.append(self.tokens.eot if learn_eot else IGNORE_INDEX)
         return Encoded(ids, labels, prompt_len)

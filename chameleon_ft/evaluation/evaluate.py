@@ -43,11 +43,11 @@ def _meta(meta) -> dict:
 
 
 def evaluate_predictions(task: str, preds: Sequence[str], metas: Sequence[dict | str],
-                         targets: Sequence[str] | None = None) -> dict[str, float]:
+                         targets: Sequence[str] | None = None, **options) -> dict[str, float]:
     """Metrics of generated ``preds`` against each sample's references, scored by the task.
 
     The references are ``meta[task.reference_key]`` (VQA ``answers``, caption ``references``), else the
-    sample's ``target`` text.
+    sample's ``target`` text. ``options``: metric settings (``vqa_normalization``, ``caption_tokenizer``).
     """
     t = get_task(task)
     if t.score is None:
@@ -66,7 +66,7 @@ def evaluate_predictions(task: str, preds: Sequence[str], metas: Sequence[dict |
             r = [target]
         refs.append([r] if isinstance(r, str) else list(r))
     try:
-        return t.score(preds, refs)
+        return t.score(preds, refs, **options)
     except MetricInputError as e:
         raise EvaluationError(str(e)) from e
 
@@ -123,8 +123,22 @@ def teacher_forced_metrics(model, tokens: ChameleonTokens, samples: Sequence[dic
     return out
 
 
+def metric_options(eval_cfg) -> dict:
+    """The metric settings of the ``eval`` config group, as keyword arguments of the task scorers."""
+    return {"vqa_normalization": str(eval_cfg.vqa_normalization), "caption_tokenizer": str(eval_cfg.caption_tokenizer)}
+
+
+def metric_settings(options: dict) -> dict:
+    """What the metrics were computed with, for the report (the caption tokenizer that really runs)."""
+    from chameleon_ft.evaluation.metrics import resolve_caption_tokenizer
+
+    return {"vqa_normalization": options["vqa_normalization"],
+            "caption_tokenizer": resolve_caption_tokenizer(options["caption_tokenizer"])}
+
+
 def evaluate_split(model, tokens: ChameleonTokens, tokenizer, samples, task: str, *, batch_size: int = 4,
-                   max_new_tokens: int = 16, max_samples: int | None = None) -> tuple[dict[str, float], list[dict]]:
+                   max_new_tokens: int = 16, max_samples: int | None = None,
+                   options: dict | None = None) -> tuple[dict[str, float], list[dict]]:
     """Metrics for ``task`` on ``samples`` (a tokenized split or a list of its rows) and the predictions."""
     from chameleon_ft.generation.generate import generate_text
 
@@ -142,7 +156,8 @@ def evaluate_split(model, tokens: ChameleonTokens, tokenizer, samples, task: str
             predictions += [{"prediction": o["text"], "target": r.get("target"), "meta": r.get("meta")}
                             for o, r in zip(outs, chunk)]
         metrics.update(evaluate_predictions(task, [p["prediction"] for p in predictions],
-                                            [r.get("meta") for r in rows], [r.get("target") for r in rows]))
+                                            [r.get("meta") for r in rows], [r.get("target") for r in rows],
+                                            **(options or {})))
     metrics["num_samples"] = len(rows)
     return metrics, predictions
 
@@ -186,14 +201,17 @@ def evaluate(cfg, *, adapter: str | None = None, split: str = "val", output: str
     dtype = "auto" if cfg.model.dtype == "auto" else cfg.model.dtype
     gen = Generator(assets, adapter, settings=settings or trained_settings(assets), dtype=dtype)
     rows = tokenized_split(data, assets, split)
+    options = metric_options(cfg.eval)
     metrics, preds = evaluate_split(gen.model, assets.tokens, assets.tokenizer, rows, cfg.task,
                                     batch_size=int(data.eval_batch_size or 4),
-                                    max_new_tokens=int(cfg.eval.max_new_tokens), max_samples=cfg.eval.max_samples)
+                                    max_new_tokens=int(cfg.eval.max_new_tokens), max_samples=cfg.eval.max_samples,
+                                    options=options)
     if output is None:
         output = (Path(adapter).parent if adapter is not None else Path.cwd()) / f"eval-{split}.json"
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    record = {"task": cfg.task, "split": split, "checkpoint": str(assets.path), "adapter": adapter, "metrics": metrics}
+    record = {"task": cfg.task, "split": split, "checkpoint": str(assets.path), "adapter": adapter, "metrics": metrics,
+              "metric_settings": metric_settings(options)}
     output.write_text(json.dumps(record, indent=2))
     if preds:
         output.with_name(output.stem + ".predictions.jsonl").write_text(

@@ -35,8 +35,8 @@ from chameleon_ft.tasks import SampleContext, get_task
 log = logging.getLogger(__name__)
 
 PIXELS_PER_CODE = 16
-# How images are marked in generation requests' prompt text.
-PROMPT_RULES = MarkerRules("<|image|>", unmarked="all")
+# How images are marked in generation requests' prompt text: Lumina-mGPT's convention.
+PROMPT_RULES = MarkerRules("<|image|>", unmarked="all", verbatim=True, implicit_separator=" ")
 
 
 class GenerationError(DataError):

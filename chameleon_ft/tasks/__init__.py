@@ -12,7 +12,7 @@ automatically) plus one recipe YAML.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chameleon_ft.data.conversation import MarkerRules, chat_conversation
@@ -35,7 +35,8 @@ class SampleContext:
 
 Builder = Callable[[dict, SampleContext], Conversation]
 PromptBuilder = Callable[[dict, SampleContext], list[Turn]]
-Scorer = Callable[[Sequence[str], Sequence[Sequence[str]]], dict[str, float]]
+# (predictions, references per sample, **metric options such as vqa_normalization) -> metrics
+Scorer = Callable[..., dict[str, float]]
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ def _conversation(fields: dict, ctx: SampleContext) -> Conversation:
                         ctx.index)
 
 
-def _score(preds, refs) -> dict[str, float]:
+def _score(preds, refs, *, caption_tokenizer: str = "auto", **_) -> dict[str, float]:
     from chameleon_ft.evaluation.metrics import caption_metrics, exact_match
 
-    return {**caption_metrics(preds, refs), "exact_match": exact_match(preds, refs)}
+    return {**caption_metrics(preds, refs, tokenizer=caption_tokenizer), "exact_match": exact_match(preds, refs)}
 
 
 TASK = register_task(Task(

@@ -22,7 +22,7 @@ def _prompt(fields: dict, ctx: SampleContext) -> list[Turn]:
     return turns
 
 
-def _score(preds, refs) -> dict[str, float]:
+def _score(preds, refs, **_) -> dict[str, float]:
     from chameleon_ft.evaluation.metrics import exact_match
 
     return {"exact_match": exact_match(preds, refs)}

@@ -49,10 +49,11 @@ def _conversation(fields: dict, ctx: SampleContext) -> Conversation:
     return Conversation(prompt + [Turn("assistant", [Segment.of_text(answer)])], TASK.name, meta, ctx.file, ctx.index)
 
 
-def _score(preds, answers) -> dict[str, float]:
+def _score(preds, answers, *, vqa_normalization: str = "official", **_) -> dict[str, float]:
     from chameleon_ft.evaluation.metrics import exact_match, vqa_accuracy
 
-    return {"acc": vqa_accuracy(preds, answers), "exact_match": exact_match(preds, answers)}
+    return {"acc": vqa_accuracy(preds, answers, normalization=vqa_normalization),
+            "exact_match": exact_match(preds, answers)}
 
 
 TASK = register_task(Task(

@@ -37,7 +37,7 @@ class TaskEvaluator:
                         "`python -m chameleon_ft.evaluate adapter=<run_dir>/adapter recipe=...` after training")
 
     def __call__(self, module) -> dict[str, float]:
-        from chameleon_ft.evaluation.evaluate import evaluate_predictions, teacher_forced_metrics
+        from chameleon_ft.evaluation.evaluate import evaluate_predictions, metric_options, teacher_forced_metrics
         from chameleon_ft.generation.generate import generate_text
 
         if not self.rows:
@@ -54,7 +54,7 @@ class TaskEvaluator:
                                                            [r["prompt_ids"] for r in chunk],
                                                            max_new_tokens=int(self.cfg.eval.max_new_tokens))]
             metrics = evaluate_predictions(self.task.name, preds, [r["meta"] for r in self.rows],
-                                           [r["target"] for r in self.rows])
+                                           [r["target"] for r in self.rows], **metric_options(self.cfg.eval))
             out.update({f"val/{k}": v for k, v in metrics.items()})
         if self.task.output == "image":
             tf = teacher_forced_metrics(model, tokens, self.rows, batch_size=bs)

@@ -105,9 +105,11 @@ def test_lumina(tmp_path):
     convs = _read(_cfg(tmp_path, format="lumina", path=str(f)))
     assert [_layout(c) for c in convs] == [
         [("user", [("text", "Draw a red box.")]), ("assistant", [("image", "a.png")])],
-        [("user", [("text", "Edit"), ("image", "a.png"), ("text", "like"), ("image", "b.png")]),
-         ("assistant", [("text", "Here:"), ("image", "c.png"), ("text", "done")])],
-        [("user", [("image", "a.png"), ("image", "b.png"), ("text", "Which differs?")]),
+        # Lumina-mGPT keeps the text next to a marker as written (its spaces are tokens there) ...
+        [("user", [("text", "Edit "), ("image", "a.png"), ("text", " like "), ("image", "b.png")]),
+         ("assistant", [("text", "Here: "), ("image", "c.png"), ("text", " done")])],
+        # ... and puts unmarked images first, each followed by a space
+        [("user", [("image", "a.png"), ("text", " "), ("image", "b.png"), ("text", " Which differs?")]),
          ("assistant", [("text", "The second.")])],
         [("user", [("text", "<image> is plain text here")]), ("assistant", [("text", "ok")])],
     ]

@@ -71,8 +71,9 @@ def test_image_in_assistant_turn_is_learned_in_full():
     enc = TEMPLATE.encode(turns, "assistant")
     assert enc.input_ids == [BOS, 3, EOT, 4, *IMAGE, EOT]
     assert enc.labels == [X, X, X, 4, *IMAGE, EOT]
-    # label_mask=image: the whole image span (begin-image .. end-image), not the text nor the end of turn
-    assert TEMPLATE.encode(turns, "image").labels == [X, X, X, X, *IMAGE, X]
+    # label_mask=image: the whole image span (begin-image .. end-image) and the end of the turn that drew
+    # it (Lumina-mGPT learns it; without it a model never closes its turn after drawing), not the text
+    assert TEMPLATE.encode(turns, "image").labels == [X, X, X, X, *IMAGE, EOT]
     assert TEMPLATE.encode(turns, "all").labels == [X, 3, EOT, 4, *IMAGE, EOT]
     assert enc.prompt_len == 3
 

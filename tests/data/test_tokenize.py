@@ -118,9 +118,9 @@ def test_text_to_image_has_real_image_ids_in_inputs_and_labels(tiny_grouped, tmp
     # classifier-free guidance form: the image span alone, learned in full
     assert out["uncond_input_ids"] == span and out["uncond_labels"] == span
     assert (out["task"], out["source"], out["index"]) == ("text_to_image", "t2i.jsonl", 3)
-    # label_mask=image: the image span only (not the final end-of-turn)
+    # label_mask=image: the image span and the end-of-turn that closes the drawing (as Lumina-mGPT learns it)
     [img_only] = encoder(tiny_grouped, image_layout="lumina", label_mask="image").encode_batch([conv.to_record()])
-    assert img_only["labels"] == [X] * (len(prompt) + 2) + span + [X]
+    assert img_only["labels"] == [X] * (len(prompt) + 2) + span + [eot]
 
 
 def test_text_to_image_prompt_is_rerendered_with_actual_size(tiny_grouped, tmp_path, text_tok):

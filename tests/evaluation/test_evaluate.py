@@ -5,6 +5,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from chameleon_ft.errors import ChameleonFTError
 from chameleon_ft.evaluation.evaluate import (
     EvaluationError,
     evaluate_predictions,
@@ -131,3 +132,14 @@ def test_teacher_forced_loss_equals_the_models_own_loss_with_masking_on(setup):
                 for s in samples]
     expected = sum(float(x.ce_sum) for x in sums) / sum(int(x.n_tokens) for x in sums)
     assert got["loss"] == pytest.approx(expected, rel=1e-5)  # what validation reports as val/loss
+
+
+def test_metric_options_reach_the_task_scorers():
+    metas = [{"answers": ["yes"] * 10}]
+    # Ten identical answers: the official evaluation compares raw strings; "always" normalises both sides.
+    assert evaluate_predictions("vqa", ["Yes."], metas)["acc"] == 0.0
+    assert evaluate_predictions("vqa", ["Yes."], metas, vqa_normalization="always")["acc"] == 1.0
+    refs = [{"references": ["a dog runs"]}]
+    assert evaluate_predictions("captioning", ["a dog runs"], refs, caption_tokenizer="ptb-python")["cider"] >= 0
+    with pytest.raises(ChameleonFTError, match="nonsense"):  # the option reaches the caption scorer
+        evaluate_predictions("captioning", ["a dog runs"], refs, caption_tokenizer="nonsense")

@@ -13,7 +13,7 @@ discovered automatically) plus one YAML in ``conf/data/``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -99,7 +99,7 @@ class Format:
         return RowContext(format=self.name, task=str(cfg.task), file=main,
                           image_root=image_root(cfg, split, _base_dir(main)), columns=column_map(cfg.columns),
                           prompt_template=cfg.prompt_template, image_size=int(cfg.image_size),
-                          rules=MarkerRules(cfg.image_marker or self.rules.marker, self.rules.unmarked))
+                          rules=replace(self.rules, marker=cfg.image_marker or self.rules.marker))
 
     def fields(self, row: dict, ctx: RowContext) -> dict:
         """Canonical fields of one raw row (images resolved against ``ctx.image_root``)."""

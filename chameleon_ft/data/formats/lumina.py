@@ -1,7 +1,9 @@
 """Lumina-mGPT JSON: ``conversations`` with ``<|image|>`` markers and an ``image`` list.
 
-Images may sit in assistant turns (they are then learned). With no marker at all, every image goes to
-the start of the first user turn; otherwise the marker count must equal ``len(image)``.
+Follows Lumina-mGPT's item processor token for token: text next to a marker is kept verbatim (its
+newlines and spaces are tokens), images may sit in assistant turns (they are then learned in full), and
+with no marker at all every image goes to the start of the first user turn as ``"<|image|> "`` (so the
+text starts with a space token); otherwise the marker count must equal ``len(image)``.
 """
 
 from __future__ import annotations
@@ -15,4 +17,4 @@ from chameleon_ft.data.formats.llava import ConversationFormat
 class LuminaFormat(ConversationFormat):
     name = "lumina"
     description = "Lumina-mGPT JSON: <|image|> markers, an image list, images allowed in assistant turns"
-    rules = MarkerRules("<|image|>", unmarked="all")
+    rules = MarkerRules("<|image|>", unmarked="all", verbatim=True, implicit_separator=" ")
