@@ -11,6 +11,11 @@ Epochs: Lightning calls ``set_epoch`` on ``loader.sampler`` but never on a batch
 a sized loader after ``len`` batches without exhausting it, so a batch sampler that advances its epoch
 at the end of its own iteration never does. The loader therefore sets the batch sampler's epoch from
 the trainer each time a new epoch's iterator is created.
+
+Why not torchdata's ``StatefulDataLoader``: it records the batches it has *yielded*, and Lightning's
+fetcher has always taken one more than the model has consumed (prefetch), so a resume would skip that
+batch; and Lightning drops loader states restored after ``trainer.estimated_stepping_batches`` ran
+(Lightning issue #20550; :meth:`ChameleonLitModule.configure_optimizers` therefore never calls it).
 """
 
 from __future__ import annotations

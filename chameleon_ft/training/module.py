@@ -25,6 +25,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_ft.adapter import base_model, clean_name
+from chameleon_ft.errors import ConfigError
 from chameleon_ft.model.modeling import ft_option
 from chameleon_ft.model.tensors import full_tensor
 from chameleon_ft.training.model_init import build_train_model, resolve_base_dtype
@@ -154,9 +155,13 @@ class ChameleonLitModule(L.LightningModule):
         return self.trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
 
     def configure_optimizers(self):
+        # Not trainer.estimated_stepping_batches: it sets the loaders up early, and Lightning then drops the
+        # loader state a resume restores (Lightning issue #20550). train() counts epoch-based runs itself.
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
-            else int(self.trainer.estimated_stepping_batches)
-        return build_optimizer(self.model, self.cfg.optim, total_steps=max(total, 1))
+            else int(getattr(self, "total_steps", 0) or 0)
+        if total < 1:
+            raise ConfigError("set trainer.max_steps (or trainer.max_epochs with a sized train loader)")
+        return build_optimizer(self.model, self.cfg.optim, total_steps=total)
 
     # ----------------------------------------------------------------------------------------
     # Validation

@@ -219,6 +219,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
         module.evaluators = build_evaluators(cfg, assets, run_dir, trainer.world_size)
     if isinstance(train_loader, ResumableDataLoader):
         train_loader.bind_progress(trainer_progress(trainer))
+    if not (cfg.trainer.max_steps and cfg.trainer.max_steps > 0) and cfg.trainer.max_epochs:
+        per_epoch = -(-len(train_loader) // int(cfg.trainer.accumulate_grad_batches))
+        module.total_steps = per_epoch * int(cfg.trainer.max_epochs)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = dict(module.last_val_metrics)

@@ -142,3 +142,35 @@ def test_keep_last_prunes_old_checkpoints(ckpt, tmp_path):
           tmp_path, loader_factory=loader_factory())
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000004.ckpt", "step-00000005.ckpt"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004.ckpt", "step-00000005.ckpt"]
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+class _StopAfter(L.Callback):
+    """Simulates a crash: raises once the given optimizer step has finished."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            raise SimulatedCrash(f"after step {trainer.global_step}")
+
+
+def test_epoch_based_run_resumes_mid_epoch(ckpt, tmp_path):
+    """max_epochs instead of max_steps: the loader position still survives the resume (the total step count is
+    computed without trainer.estimated_stepping_batches, which drops restored loader states)."""
+    over = {"trainer.max_steps": -1, "trainer.max_epochs": 2, "checkpoint.every_n_steps": 4}
+    ref = tmp_path / "ref"
+    train(make_cfg(ckpt, **over), ref, loader_factory=loader_factory())
+    crashed = tmp_path / "crashed"
+    with pytest.raises(SimulatedCrash):
+        train(make_cfg(ckpt, **over), crashed, loader_factory=loader_factory(), callbacks=[_StopAfter(5)])
+    assert find_resume_checkpoint(crashed).name == "step-00000004.ckpt"
+    train(make_cfg(ckpt, **over, resume="auto"), crashed, loader_factory=loader_factory())
+    want, got = step_losses(ref), step_losses(crashed)
+    assert sorted(want) == sorted(got) == list(range(12))  # 6 batches per epoch, 2 epochs
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
