@@ -77,7 +77,9 @@ class DataConfig:
     # -- samples and tokenization ------------------------------------------------------------------------
     max_length: int = 2048
     packing: bool = False
-    image_size: int = 512  # target side in pixels (multiple of 16; 32 for the lumina layout)
+    # Target side in pixels (multiple of 16; 32 for the lumina layout). None: the checkpoint's VQGAN
+    # resolution (512 for Chameleon, 64 for the tiny checkpoint).
+    image_size: Optional[int] = None
     image_layout: str = "auto"  # auto | chameleon | lumina (auto: from the checkpoint)
     image_buckets: bool = False  # Lumina aspect-ratio buckets instead of a centre-cropped square
     # Lumina's augmentation: a random crop (inside the bucket) instead of the centre; one per sample, seeded
@@ -121,5 +123,6 @@ def check_data_config(cfg: Any) -> None:
     ms = _get(cfg, "max_samples")
     if ms is not None and int(ms) < 1:
         raise DataConfigError(f"data.max_samples={ms} must be >= 1 (or null)")
-    if int(_get(cfg, "image_size", 512)) < 16:
-        raise DataConfigError(f"data.image_size={_get(cfg, 'image_size')} is too small")
+    size = _get(cfg, "image_size")
+    if size is not None and int(size) < 16:
+        raise DataConfigError(f"data.image_size={size} is too small")

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -53,6 +53,19 @@ FEATURES = datasets.Features({
 })
 
 
+def with_checkpoint_defaults(data_cfg, assets: CheckpointAssets | str | Path):
+    """``data_cfg`` with what defaults to the checkpoint filled in: ``image_size`` (None: the VQGAN's own
+    resolution). Returns the same kind of object (a DictConfig or a DataConfig); idempotent."""
+    if data_cfg.image_size is not None:
+        return data_cfg
+    size = as_assets(assets).vq_resolution
+    if isinstance(data_cfg, DictConfig):
+        out = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+        out.image_size = size
+        return out
+    return replace(data_cfg, image_size=size)
+
+
 def label_mask(data_cfg) -> str:
     """``data.label_mask``, or the default of the samples' task (``assistant`` when it is inferred per record)."""
     mask = data_cfg.label_mask
@@ -66,6 +79,7 @@ def label_mask(data_cfg) -> str:
 
 def sample_settings(data_cfg, assets: CheckpointAssets, task: str) -> SampleSettings:
     """The settings that shaped a run's samples, as saved beside its adapter or model."""
+    data_cfg = with_checkpoint_defaults(data_cfg, assets)
     return SampleSettings(
         task=task,
         prompt_template=get_task(task).template(data_cfg.prompt_template),
@@ -122,6 +136,7 @@ def cache_key(data_cfg, assets: CheckpointAssets | str | Path, split: str) -> st
     """Hex key of everything the tokenized ``split`` depends on: the data config, the format's fingerprint
     of its input files, the tokenizer, the VQ weights and the image layout."""
     assets = as_assets(assets)
+    data_cfg = with_checkpoint_defaults(data_cfg, assets)
     data = _plain(data_cfg)
     parts = {
         "version": PIPELINE_VERSION,
@@ -145,6 +160,7 @@ def cache_root(data_cfg) -> Path:
 def build_encoder(data_cfg, assets: CheckpointAssets | str | Path, device=None) -> ConversationEncoder:
     """Text tokenizer + VQGAN encoder of the checkpoint, configured from ``data_cfg``."""
     assets = as_assets(assets)
+    data_cfg = with_checkpoint_defaults(data_cfg, assets)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = EncoderOptions(
         layout=assets.image_layout(data_cfg.image_layout),
@@ -172,6 +188,7 @@ def tokenized_split(data_cfg, assets: CheckpointAssets | str | Path, split: str,
 
     split = canonical_split(split)
     assets = as_assets(assets)
+    data_cfg = with_checkpoint_defaults(data_cfg, assets)
     key = cache_key(data_cfg, assets, split)
     root = cache_root(data_cfg) / f"{data_cfg.format}-{split}-{key}"
     done = root / "DONE.json"

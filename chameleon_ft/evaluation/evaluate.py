@@ -191,13 +191,13 @@ def evaluate(cfg, *, adapter: str | None = None, split: str = "val", output: str
     (:func:`data_config_as_trained`), write the metrics JSON to ``output`` (default: ``eval-<split>.json``
     in the adapter's run directory, else in the current directory) with the predictions beside it as
     ``<output stem>.predictions.jsonl``. Returns the metrics and the path written."""
-    from chameleon_ft.data.pipeline import tokenized_split
+    from chameleon_ft.data.pipeline import tokenized_split, with_checkpoint_defaults
     from chameleon_ft.generation.generate import Generator, trained_settings
     from chameleon_ft.tiny import resolve_checkpoint
 
     assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
     settings = trained_settings(assets, adapter) if adapter is not None or (assets.path / "chameleon_ft.json").exists() else None
-    data = data_config_as_trained(cfg.data, settings, explicit)
+    data = with_checkpoint_defaults(data_config_as_trained(cfg.data, settings, explicit), assets)
     dtype = "auto" if cfg.model.dtype == "auto" else cfg.model.dtype
     gen = Generator(assets, adapter, settings=settings or trained_settings(assets), dtype=dtype)
     rows = tokenized_split(data, assets, split)

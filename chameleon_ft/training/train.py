@@ -190,7 +190,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     output dir). ``loader_factory`` replaces :func:`build_dataloaders` (same signature); ``evaluators``
     go to :attr:`ChameleonLitModule.evaluators`; ``callbacks`` are extra Lightning callbacks.
     """
-    from chameleon_ft.data.pipeline import sample_settings
+    from chameleon_ft.data.pipeline import sample_settings, with_checkpoint_defaults
     from chameleon_ft.tiny import resolve_checkpoint
 
     run_dir = resolve_run_dir(run_dir).resolve()
@@ -199,6 +199,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     # Before seeding: building the tiny checkpoint on first use must not shift the run's random numbers.
     assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
     cfg.model.path = str(assets.path)
+    cfg.data = with_checkpoint_defaults(cfg.data, assets)  # recorded in config.yaml as used
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resolve_resume(cfg.resume, run_dir)
 

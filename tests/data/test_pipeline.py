@@ -400,3 +400,14 @@ def test_packed_loader_has_4d_masks_and_every_sample_once_per_epoch(tiny_grouped
     assert epochs[0] != epochs[1]  # reshuffled per epoch, still each sample once
     for batch in val:  # validation is not packed
         assert batch["attention_mask"].dim() == 2
+
+
+def test_image_size_defaults_to_the_checkpoints_vq_resolution(tiny_grouped, tmp_path):
+    from chameleon_ft.config.store import compose
+    from chameleon_ft.data.pipeline import with_checkpoint_defaults
+
+    user = compose(["recipe=vqa", "data=llava", f"data.path={tmp_path / 'train.json'}"]).data
+    assert user.image_size is None  # nothing says 512 for a checkpoint whose VQGAN is 64 px
+    assert with_checkpoint_defaults(user, tiny_grouped).image_size == 64
+    assert with_checkpoint_defaults(OmegaConf.merge(user, {"image_size": 128}), tiny_grouped).image_size == 128
+    assert with_checkpoint_defaults(DataConfig(format="jsonl"), tiny_grouped).image_size == 64

@@ -405,3 +405,16 @@ def test_hf_dataset_chat_with_image_list_and_content_parts(tmp_path):
     assert _layout(conv) == [("user", [("image", "<bytes>"), ("text", "and"), ("image", "<bytes>")]),
                              ("assistant", [("text", "two boxes")])]
     assert [im.open().getpixel((1, 1)) for im in conv.images] == [(9, 9, 9), (99, 99, 99)]
+
+
+def test_a_record_of_another_layout_names_its_keys_and_the_fix(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                              "images": []}]))
+    with pytest.raises(BadSampleError) as ei:
+        read_conversations(_cfg(tmp_path, format="llava", path=str(f)), "train")
+    assert ei.value.reason == "missing_field"
+    assert ei.value.detail == ("the record has keys ['images', 'messages']; expected 'conversations' "
+                               "(set data.columns.conversations=messages)")
+    (conv,) = _read(_cfg(tmp_path, format="llava", path=str(f), columns={"conversations": "messages"}))
+    assert conv.turns[0].text == "Hi"

@@ -27,6 +27,7 @@ from chameleon_ft.registry import Registry
 # Canonical flat-record fields a column mapping may rename (data.columns.<field>=<column>).
 CANONICAL_FIELDS = ("image", "images", "caption", "references", "question", "answer", "answers", "prompt",
                     "conversations", "id")
+CHAMELEON_IMAGE_SIZE = 512
 SPLIT_PATH_KEYS = {"train": "path", "val": "val_path", "test": "test_path"}
 SPLIT_ROOT_KEYS = {"train": "image_root", "val": "val_image_root", "test": "test_image_root"}
 
@@ -98,7 +99,9 @@ class Format:
         main = inputs.files.get("path", "")
         return RowContext(format=self.name, task=str(cfg.task), file=main,
                           image_root=image_root(cfg, split, _base_dir(main)), columns=column_map(cfg.columns),
-                          prompt_template=cfg.prompt_template, image_size=int(cfg.image_size),
+                          prompt_template=cfg.prompt_template,
+                          # Unresolved (read without a checkpoint): Chameleon's own resolution.
+                          image_size=int(cfg.image_size or CHAMELEON_IMAGE_SIZE),
                           rules=replace(self.rules, marker=cfg.image_marker or self.rules.marker))
 
     def fields(self, row: dict, ctx: RowContext) -> dict:

@@ -8,6 +8,7 @@ puts the image at the start of the first user turn.
 from __future__ import annotations
 
 from chameleon_ft.data.conversation import MarkerRules
+from chameleon_ft.data.errors import BadSampleError
 from chameleon_ft.data.formats import (
     JSON_ROW_FEATURES,
     Format,
@@ -35,8 +36,14 @@ class ConversationFormat(Format):
         images = rec.get(cols.get("image", "image"))
         if images is None:
             images = rec.get(cols.get("images", "images"))
-        fields = {"conversations": rec.get(cols.get("conversations", "conversations")),
-                  "images": resolve_images(images, ctx.image_root, ctx.file, index), "_keys": sorted(rec)}
+        key = cols.get("conversations", "conversations")
+        if rec.get(key) is None:
+            hint = next((f" (set data.columns.conversations={k})" for k in ("messages", "conversation", "dialog")
+                         if k in rec), "")
+            raise BadSampleError(ctx.file, index, "missing_field",
+                                 f"the record has keys {sorted(rec)}; expected {key!r}{hint}")
+        fields = {"conversations": rec[key], "images": resolve_images(images, ctx.image_root, ctx.file, index),
+                  "_keys": sorted(rec)}
         if isinstance(rec.get("id"), (str, int)):
             fields["id"] = rec["id"]
         return fields
