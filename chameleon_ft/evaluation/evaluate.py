@@ -79,22 +79,29 @@ def _pad_right(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-def teacher_forced_metrics(model, tokens: ChameleonTokens, samples: Sequence[dict], *,
-                           batch_size: int = 4) -> dict[str, float]:
+def teacher_forced_metrics(model, tokens: ChameleonTokens, samples: Sequence[dict], *, batch_size: int = 4,
+                           counted: int | None = None, sum_over_ranks=None) -> dict[str, float]:
     """``loss``/``perplexity`` over all target tokens and, where targets hold image codes,
     ``image_token_accuracy`` (argmax over image codes == target code) and ``image_perplexity``
-    (full-vocabulary cross-entropy on the code targets), with image logits unmasked."""
+    (full-vocabulary cross-entropy on the code targets), with image logits unmasked.
+
+    Distributed use: each rank passes its share of the samples, padded to the same count (so every rank
+    runs the same forward passes, as FSDP needs), ``counted`` = how many of them are real, and
+    ``sum_over_ranks(tensor) -> tensor`` to add the sums of every rank.
+    """
     device = next(model.parameters()).device
     image_ids = tokens.image_token_ids.to(device)
     is_image = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
     is_image[image_ids] = True
-    ce_sum = n = img_ce = img_n = img_hit = 0.0
+    sums = torch.zeros(5, dtype=torch.float64)  # ce, n, image ce, image n, image hits
+    counted = len(samples) if counted is None else counted
     masked = image_ids if getattr(model.config, "mask_image_logits", True) else None
     with image_logits_unmasked(model), torch.no_grad():
         for s in range(0, len(samples), batch_size):
             chunk = samples[s : s + batch_size]
             ids = _pad_right([x["input_ids"] for x in chunk], tokens.pad).to(device)
             labels = _pad_right([x["labels"] for x in chunk], IGNORE_INDEX).to(device)
+            labels[max(0, counted - s):] = IGNORE_INDEX  # padding rows of a rank's share count for nothing
             mask = _pad_right([[1] * len(x["input_ids"]) for x in chunk], 0).to(device)
             hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
             h, y = hidden[:, :-1], labels[:, 1:]
@@ -107,14 +114,13 @@ def teacher_forced_metrics(model, tokens: ChameleonTokens, samples: Sequence[dic
             if masked is not None:
                 scored[:, masked] = float("-inf")
             ce = torch.nn.functional.cross_entropy(scored, y, reduction="none")
-            ce_sum += float(ce.sum())
-            n += y.numel()
             img = is_image[y]
-            if img.any():
-                img_ce += float(ce[img].sum())
-                img_n += int(img.sum())
-                pred = image_ids[logits[img][:, image_ids].argmax(-1)]
-                img_hit += int((pred == y[img]).sum())
+            hits = (image_ids[logits[img][:, image_ids].argmax(-1)] == y[img]).sum() if img.any() else 0
+            sums += torch.tensor([float(ce.sum()), y.numel(), float(ce[img].sum()), int(img.sum()), int(hits)],
+                                 dtype=torch.float64)
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(sums)
+    ce_sum, n, img_ce, img_n, img_hit = sums.tolist()
     if not n:
         raise EvaluationError("no target tokens in the split (all labels are -100)")
     out = {"loss": ce_sum / n, "perplexity": math.exp(min(ce_sum / n, 50.0))}

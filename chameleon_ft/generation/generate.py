@@ -147,12 +147,14 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def generate_text(model, tokens: ChameleonTokens, tokenizer, prompts: Sequence[Sequence[int]], *,
                   max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int = 10, seed: int = 0) -> list[dict]:
+                  top_k: int = 10, seed: int = 0, lockstep: bool = False) -> list[dict]:
     """Answer each prompt (token ids, e.g. from :meth:`Generator.prompt_ids`) in one left-padded batch.
 
     Greedy when ``do_sample`` is False; otherwise top-k + temperature sampling from a generator seeded with
     ``seed`` (the global RNG is not touched, so the same seed gives the same tokens). Returns per prompt
-    ``{"text", "token_ids"}``, the answer cut at the first end-of-turn / ``</s>``.
+    ``{"text", "token_ids"}``, the answer cut at the first end-of-turn / ``</s>``. ``lockstep``: always
+    decode ``max_new_tokens`` steps (no early stop), so that every rank of a sharded model runs the same
+    forward passes.
     """
     input_ids, mask = left_pad(prompts, tokens.pad)
     chain = LogitsProcessorList()
@@ -163,7 +165,8 @@ def generate_text(model, tokens: ChameleonTokens, tokenizer, prompts: Sequence[S
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         chain.append(LockstepSamplingLogitsProcessor(paired=False, sample=True, generator=gen))
     new = _generate(model, input_ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                    logits_processor=chain, eos_token_id=[tokens.eot, tokens.eos], pad_token_id=tokens.pad)
+                    logits_processor=chain, eos_token_id=None if lockstep else [tokens.eot, tokens.eos],
+                    pad_token_id=tokens.pad)
     results = []
     stop = {tokens.eot, tokens.eos, tokens.pad}
     for row in new.tolist():

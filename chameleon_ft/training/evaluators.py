@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from chameleon_ft.tasks import get_task
 
 log = logging.getLogger(__name__)
 
+PREDICTIONS_FILE = "val_predictions.jsonl"
+
 
 class TaskEvaluator:
     """``fn(module) -> {"val/...": value}`` for :attr:`ChameleonLitModule.evaluators`."""
 
-    def __init__(self, cfg, assets: CheckpointAssets, run_dir: Path, world_size: int = 1):
+    def __init__(self, cfg, assets: CheckpointAssets, run_dir: Path):
         from chameleon_ft.data.pipeline import tokenized_split
 
         self.task, self.cfg, self.run_dir, self.assets = get_task(cfg.task), cfg, Path(run_dir), assets
@@ -30,13 +33,11 @@ class TaskEvaluator:
         ds = tokenized_split(cfg.data, assets, "val", run_dir=run_dir)
         n = len(ds) if cfg.eval.max_samples is None else min(len(ds), int(cfg.eval.max_samples))
         self.rows = [ds[i] for i in range(n)]
-        # Generation under FSDP would need every rank to step in lockstep; evaluate the export instead.
-        self.can_generate = world_size == 1
-        if not self.can_generate:
-            log.warning("generation metrics are computed only in single-process runs; run "
-                        "`python -m chameleon_ft.evaluate adapter=<run_dir>/adapter recipe=...` after training")
 
     def __call__(self, module) -> dict[str, float]:
+        """The task's metrics over the held-out rows. Under several processes each rank takes a share of the
+        rows, padded to the same count and decoded in lockstep (FSDP needs every rank in every forward
+        pass), and the metric is computed once over every rank's predictions."""
         from chameleon_ft.evaluation.evaluate import evaluate_predictions, metric_options, teacher_forced_metrics
         from chameleon_ft.generation.generate import generate_text
 
@@ -44,24 +45,36 @@ class TaskEvaluator:
             return {}
         model = base_model(module.model)
         bs = int(self.cfg.data.eval_batch_size)
+        world, rank = module.trainer.world_size, module.trainer.global_rank
+        mine, counted = rank_share(self.rows, rank, world)
         out: dict[str, float] = {}
         tokens = self.assets.tokens
-        if self.task.output == "text" and self.task.score is not None and self.can_generate:
+        if self.task.output == "text" and self.task.score is not None:
             preds = []
-            for s in range(0, len(self.rows), bs):
-                chunk = self.rows[s : s + bs]
+            for s in range(0, len(mine), bs):
                 preds += [o["text"] for o in generate_text(model, tokens, self.assets.tokenizer,
-                                                           [r["prompt_ids"] for r in chunk],
-                                                           max_new_tokens=int(self.cfg.eval.max_new_tokens))]
+                                                           [r["prompt_ids"] for r in mine[s : s + bs]],
+                                                           max_new_tokens=int(self.cfg.eval.max_new_tokens),
+                                                           lockstep=world > 1)]
+            preds = gather_in_order(preds[:counted], world)
+            if rank == 0:
+                self._write_predictions(preds)
             metrics = evaluate_predictions(self.task.name, preds, [r["meta"] for r in self.rows],
                                            [r["target"] for r in self.rows], **metric_options(self.cfg.eval))
             out.update({f"val/{k}": v for k, v in metrics.items()})
         if self.task.output == "image":
-            tf = teacher_forced_metrics(model, tokens, self.rows, batch_size=bs)
+            tf = teacher_forced_metrics(model, tokens, mine, batch_size=bs, counted=counted,
+                                        sum_over_ranks=module._sum_over_ranks if world > 1 else None)
             out.update({f"val/{k}": tf[k] for k in ("image_token_accuracy", "image_perplexity") if k in tf})
-            if self.can_generate and int(self.cfg.eval.image_samples) > 0:
-                self._image_samples(module, model)
+            if int(self.cfg.eval.image_samples) > 0:
+                self._image_samples(module, model)  # every rank draws (lockstep); rank 0 saves
         return out
+
+    def _write_predictions(self, preds: list[str]) -> None:
+        """The last validation's answers beside the run's metrics (``val_predictions.jsonl``)."""
+        lines = [json.dumps({"prediction": p, "target": r["target"], "meta": json.loads(r["meta"])}, ensure_ascii=False)
+                 for p, r in zip(preds, self.rows)]
+        (self.run_dir / PREDICTIONS_FILE).write_text("".join(line + "\n" for line in lines))
 
     def _image_samples(self, module, model) -> None:
         from chameleon_ft.generation.generate import generate_images
@@ -73,6 +86,8 @@ class TaskEvaluator:
         results = generate_images(model, self.assets.tokens, [r["prompt_ids"] for r in rows], width=size, height=size,
                                   layout=self.layout, cfg_scale=float(self.cfg.eval.cfg_scale), seed=int(self.cfg.seed))
         decoder = ImageTokenizer(self.assets.vqgan(device), image_size=size)
+        if module.trainer.global_rank != 0:
+            return
         grid = image_grid_of(decoder.decode([r["codes"] for r in results]))
         out = self.run_dir / "samples" / f"step-{module.global_step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +98,28 @@ class TaskEvaluator:
                 import numpy as np
 
                 exp.add_image("val/samples", np.asarray(grid), module.global_step, dataformats="HWC")
+
+
+def rank_share(rows: list, rank: int, world: int) -> tuple[list, int]:
+    """Rank ``rank``'s rows (``rows[rank::world]``) padded with copies of the first row to the count every rank
+    has, and how many of them are real."""
+    mine = rows[rank::world]
+    size = -(-len(rows) // world)
+    return mine + [rows[0]] * (size - len(mine)), len(mine)
+
+
+def gather_in_order(mine: list, world: int) -> list:
+    """Every rank's ``rows[rank::world]`` results back in the rows' order (a collective when ``world > 1``)."""
+    if world == 1:
+        return list(mine)
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    out = []
+    for i in range(max(len(p) for p in parts)):
+        out += [p[i] for p in parts if i < len(p)]
+    return out
 
 
 def image_grid_of(images, cols: int = 4):
@@ -97,9 +134,9 @@ def image_grid_of(images, cols: int = 4):
     return grid
 
 
-def build_evaluators(cfg, assets: CheckpointAssets, run_dir: Path, world_size: int) -> list:
+def build_evaluators(cfg, assets: CheckpointAssets, run_dir: Path) -> list:
     """The validation evaluators of ``cfg.task`` (none for a task without generated metrics or images)."""
     task = get_task(cfg.task)
     if task.output == "text" and task.score is None:
         return []
-    return [TaskEvaluator(cfg, assets, run_dir, world_size)]
+    return [TaskEvaluator(cfg, assets, run_dir)]

@@ -157,7 +157,8 @@ class ChameleonLitModule(L.LightningModule):
     def configure_optimizers(self):
         # Not trainer.estimated_stepping_batches: it sets the loaders up early, and Lightning then drops the
         # loader state a resume restores (Lightning issue #20550). train() counts epoch-based runs itself.
-        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
+        max_steps = self.trainer.max_steps
+        total = max(int(max_steps), 1) if max_steps is not None and max_steps >= 0 \
             else int(getattr(self, "total_steps", 0) or 0)
         if total < 1:
             raise ConfigError("set trainer.max_steps (or trainer.max_epochs with a sized train loader)")

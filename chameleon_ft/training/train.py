@@ -217,7 +217,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     if evaluators is None and loader_factory is None:  # custom loaders bring their own evaluators
         from chameleon_ft.training.evaluators import build_evaluators
 
-        module.evaluators = build_evaluators(cfg, assets, run_dir, trainer.world_size)
+        module.evaluators = build_evaluators(cfg, assets, run_dir)
     if isinstance(train_loader, ResumableDataLoader):
         train_loader.bind_progress(trainer_progress(trainer))
     if not (cfg.trainer.max_steps and cfg.trainer.max_steps > 0) and cfg.trainer.max_epochs:
