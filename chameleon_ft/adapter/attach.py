@@ -77,7 +77,7 @@ def attach_adapters(model: nn.Module, peft_cfg) -> nn.Module:
     parameter trains) unless ``train_image_rows`` alone is asked for. ``train_image_rows`` trains the
     image-token rows of ``lm_head`` and ``embed_tokens`` with PEFT trainable tokens.
     """
-    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+    from peft import LoraConfig, TrainableTokensConfig
 
     method = str(peft_cfg.method)
     if method not in PEFT_METHODS:
@@ -95,16 +95,27 @@ def attach_adapters(model: nn.Module, peft_cfg) -> nn.Module:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        model = _wrap(model, lora)
     elif train_rows:
-        model = get_peft_model(model, TrainableTokensConfig(target_modules=list(IMAGE_ROW_MODULES),
-                                                            token_indices=image_ids))
+        model = _wrap(model, TrainableTokensConfig(target_modules=list(IMAGE_ROW_MODULES), token_indices=image_ids))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the peft config leaves no parameter trainable")
     return model
+
+
+def _wrap(model: nn.Module, config) -> nn.Module:
+    """``peft.get_peft_model`` without the deprecation warning PEFT 0.21 triggers itself (it reads
+    transformers' deprecated ``is_gradient_checkpointing``), so a default run's console stays quiet."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def token_delta_layers(model: nn.Module) -> list[nn.Module]:

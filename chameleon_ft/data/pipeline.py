@@ -36,6 +36,7 @@ from chameleon_ft.tasks import LABEL_MASKS, get_task
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 1
+_reported: set[str] = set()  # caches already announced in this process
 IMAGE_STAMPS = "image_stamps.json"
 # Keys of DataConfig that do not change the tokenized samples (loader and collator settings).
 NOT_IN_KEY = {"batch_size", "eval_batch_size", "num_workers", "packing", "cfg_dropout", "cache_dir"}
@@ -213,7 +214,9 @@ def tokenized_split(data_cfg, assets: CheckpointAssets | str | Path, split: str,
             dst = Path(run_dir) / f"bad_samples_{split}.json"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / "bad_samples.json", dst)
-    log.info("%s %s: %d tokenized samples from %s", data_cfg.format, split, len(ds), root)
+    if str(root) not in _reported:  # training's loaders and the evaluators ask for the same split
+        _reported.add(str(root))
+        log.info("%s %s: %d tokenized samples from %s", data_cfg.format, split, len(ds), root)
     return ds
 
 

@@ -120,11 +120,11 @@ def set_dtypes_(model: nn.Module, base_dtype: torch.dtype) -> None:
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing of every decoder layer (HF's per-layer mechanism).
 
-    The decoder layers are ``GradientCheckpointingLayer``s: their ``__call__`` recomputes through
-    ``nn.Module.__call__``, so FSDP2's per-layer hooks re-gather parameters during recomputation.
-    Parameter names are unchanged (no wrapper module).
+    The decoder layers are ``GradientCheckpointingLayer``s: transformers recomputes each layer's forward
+    during backward, inside the layer, so FSDP2's per-layer hooks gather its parameters for the
+    recomputation too. Parameter names are unchanged (no wrapper module).
     """
-    base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def prepare_for_training(model: ChameleonFTForCausalLM, model_cfg, peft_cfg, *, device: torch.device,
