@@ -14,7 +14,7 @@ from chameleon_ft.cli import main as run_command
 def pretokenize(cfg, splits=("train", "val", "test")) -> dict[str, int]:
     """Tokenize ``splits`` of ``cfg.data`` into the cache; returns the sample count per split built."""
     from chameleon_ft.data.errors import DataConfigError
-    from chameleon_ft.data.pipeline import tokenized_split
+    from chameleon_ft.data.pipeline import cache_summary, tokenized_split
     from chameleon_ft.tiny import resolve_checkpoint
 
     assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
@@ -27,7 +27,9 @@ def pretokenize(cfg, splits=("train", "val", "test")) -> dict[str, int]:
                 raise
             print(f"{split}: skipped ({e})")
     for split, n in counts.items():
-        print(f"{split}: {n} samples cached")
+        quality = cache_summary(cfg.data, assets, split).get("vq_reconstruction")
+        psnr = f"; VQ reconstruction {quality['psnr']:.1f} dB PSNR" if quality else ""
+        print(f"{split}: {n} samples cached{psnr}")
     return counts
 
 

@@ -158,6 +158,19 @@ def cache_root(data_cfg) -> Path:
     return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_root() / "pretokenized"
 
 
+def cache_summary(data_cfg, assets: CheckpointAssets | str | Path, split: str) -> dict:
+    """What the finished cache of ``split`` recorded (shards, skipped samples, VQ reconstruction); {} if none."""
+    assets = as_assets(assets)
+    data_cfg = with_checkpoint_defaults(data_cfg, assets)
+    done = split_cache_dir(data_cfg, assets, canonical_split(split)) / "DONE.json"
+    return json.loads(done.read_text()) if done.is_file() else {}
+
+
+def split_cache_dir(data_cfg, assets: CheckpointAssets, split: str) -> Path:
+    """The cache directory of one split of ``data_cfg`` (completed with the checkpoint's defaults)."""
+    return cache_root(data_cfg) / f"{data_cfg.format}-{split}-{cache_key(data_cfg, assets, split)}"
+
+
 def build_encoder(data_cfg, assets: CheckpointAssets | str | Path, device=None) -> ConversationEncoder:
     """Text tokenizer + VQGAN encoder of the checkpoint, configured from ``data_cfg``."""
     assets = as_assets(assets)
@@ -190,8 +203,7 @@ def tokenized_split(data_cfg, assets: CheckpointAssets | str | Path, split: str,
     split = canonical_split(split)
     assets = as_assets(assets)
     data_cfg = with_checkpoint_defaults(data_cfg, assets)
-    key = cache_key(data_cfg, assets, split)
-    root = cache_root(data_cfg) / f"{data_cfg.format}-{split}-{key}"
+    root = split_cache_dir(data_cfg, assets, split)
     done = root / "DONE.json"
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
@@ -269,9 +281,43 @@ def _build(data_cfg, assets: CheckpointAssets, split, root: Path, shard_size: in
     bar.close()
     policy.write_report(root / "bad_samples.json")
     policy.log_summary(f"{data_cfg.format} {split}")
+    quality = check_reconstruction(encoder, records, f"{data_cfg.format} {split}")
     tmp = root / "DONE.json.tmp"
-    tmp.write_text(json.dumps({"shards": names, "bad_samples": policy.to_dict(), "read_skipped": policy.total}))
+    tmp.write_text(json.dumps({"shards": names, "bad_samples": policy.to_dict(), "read_skipped": policy.total,
+                               "vq_reconstruction": quality}))
     os.replace(tmp, root / "DONE.json")
+
+
+# Images checked for reconstruction, and how much better than a flat mean-colour image the VQGAN must do.
+RECONSTRUCTION_IMAGES = 16
+POOR_RECONSTRUCTION_DB = 2.0
+
+
+def check_reconstruction(encoder: ConversationEncoder, records: datasets.Dataset, what: str) -> dict | None:
+    """Encode and decode the first images of ``records`` with the checkpoint's VQGAN; log the PSNR and warn
+    when it is poor (images unlike the VQGAN's training data: the model then sees noise, not the pictures)."""
+    from chameleon_ft.data.images import open_image
+    from chameleon_ft.vq.image_tokenizer import reconstruction_quality
+
+    images = []
+    for path in record_image_paths(records)[: RECONSTRUCTION_IMAGES * 2]:
+        try:
+            images.append(open_image(path))
+        except BadSampleError:
+            continue
+        if len(images) == RECONSTRUCTION_IMAGES:
+            break
+    quality = reconstruction_quality(encoder.image_tokenizer, images)
+    if quality is None:
+        return None
+    line = (f"{what}: the VQGAN reconstructs {int(quality['images'])} images at {quality['psnr']:.1f} dB PSNR "
+            f"(worst {quality['min_psnr']:.1f} dB; each image's flat mean colour: {quality['flat_color_psnr']:.1f} dB)")
+    if quality["psnr"] < quality["flat_color_psnr"] + POOR_RECONSTRUCTION_DB:
+        log.warning("%s. That is poor: the image tokens barely carry these pictures. Is this the checkpoint "
+                    "these images need (e.g. the tiny checkpoint only knows handwritten digits)?", line)
+    else:
+        log.info(line)
+    return quality
 
 
 class TrainingSamples(torch.utils.data.Dataset):

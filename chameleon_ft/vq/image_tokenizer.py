@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -159,3 +160,22 @@ class ImageTokenizer:
                 for i, p in zip(chunk, pixels):
                     out[i] = tensor_to_pil(p)
         return out
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR in dB of two images in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((x.float() - y.float()) / 2).pow(2).mean())
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def reconstruction_quality(tokenizer: ImageTokenizer, images: Sequence[Image.Image]) -> dict[str, float] | None:
+    """How well the VQGAN reconstructs ``images`` (encode then decode): mean PSNR, and the mean PSNR of each
+    image's own mean colour (a flat image) for scale; None when the VQGAN cannot decode."""
+    if not images or not tokenizer.vqgan.has_decoder:
+        return None
+    originals = [tokenizer.preprocess(im) for im in images]
+    decoded = tokenizer.decode(tokenizer.encode(list(originals)))
+    vq = [psnr(x, pil_to_tensor(y)) for x, y in zip(originals, decoded)]
+    flat = [psnr(x, x.mean(dim=(1, 2), keepdim=True).expand_as(x)) for x in originals]
+    return {"images": float(len(images)), "psnr": sum(vq) / len(vq), "min_psnr": min(vq),
+            "flat_color_psnr": sum(flat) / len(flat)}

@@ -411,3 +411,23 @@ def test_image_size_defaults_to_the_checkpoints_vq_resolution(tiny_grouped, tmp_
     assert with_checkpoint_defaults(user, tiny_grouped).image_size == 64
     assert with_checkpoint_defaults(OmegaConf.merge(user, {"image_size": 128}), tiny_grouped).image_size == 128
     assert with_checkpoint_defaults(DataConfig(format="jsonl"), tiny_grouped).image_size == 64
+
+
+def test_poor_vq_reconstruction_is_reported(tiny_grouped, tmp_path, caplog):
+    """Colour noise on the digits-fitted tiny VQGAN comes back as something else: say so; digits do not warn."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    path = write_jsonl(tmp_path / "photos.jsonl", [vqa(f"{i}.png") for i in range(4)])
+    with caplog.at_level("INFO"):
+        tokenized_split(DataConfig(format="jsonl", path=path, image_size=64, cache_dir=str(tmp_path / "c")),
+                        tiny_grouped, "train", progress=False)
+        tokenized_split(digits_cfg(tmp_path, max_samples=8), tiny_grouped, "train", progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "reconstructs" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("jsonl train: the VQGAN reconstructs 4 images at")
+    assert any("digits train: the VQGAN reconstructs 8 images" in r.getMessage() and r.levelname == "INFO"
+               for r in caplog.records)
+    from chameleon_ft.data.pipeline import cache_summary
+
+    quality = cache_summary(digits_cfg(tmp_path, max_samples=8), tiny_grouped, "train")["vq_reconstruction"]
+    assert quality["psnr"] > quality["flat_color_psnr"] + 2
