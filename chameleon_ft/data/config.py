@@ -30,8 +30,26 @@ class ColumnsConfig:
     answer: Optional[str] = None
     answers: Optional[str] = None
     prompt: Optional[str] = None
-    conversations: Optional[str] = None
+    conversations: Optional[str] = None  # sharegpt: LLaMA-Factory's `messages` column
+    system: Optional[str] = None  # sharegpt: a column holding the system prompt (read only when mapped)
     id: Optional[str] = None
+
+
+@dataclass
+class ShareGPTTagsConfig:
+    """LLaMA-Factory's ``tags`` of a ShareGPT data set (``data.format=sharegpt``): the message keys holding the
+    role and the content, and the role values. All unset: ``role``/``from``, ``content``/``value``,
+    ``user``/``human``, ``assistant``/``gpt`` and ``system`` are recognised; any one set: LLaMA-Factory's
+    rule, every unset tag takes its default (from, value, human, gpt, system, observation, function_call).
+    """
+
+    role_tag: Optional[str] = None
+    content_tag: Optional[str] = None
+    user_tag: Optional[str] = None
+    assistant_tag: Optional[str] = None
+    system_tag: Optional[str] = None
+    observation_tag: Optional[str] = None
+    function_tag: Optional[str] = None
 
 
 @dataclass
@@ -60,6 +78,11 @@ class DataConfig:
     # vqav2 file naming; fields {split} (the questions file's data_subtype, e.g. train2014) and {image_id}
     image_template: Optional[str] = None
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # sharegpt: a LLaMA-Factory dataset_info.json and the entry to read (its file_name, columns and tags;
+    # data.path, data.columns and data.tags set here take precedence). Images resolve against its directory.
+    dataset_info: Optional[str] = None
+    dataset_name: Optional[str] = None
+    tags: ShareGPTTagsConfig = field(default_factory=ShareGPTTagsConfig)
     # The task of each sample: a registered task, or auto (the run's task for formats made for fixed tasks;
     # inferred per record from its fields for the open formats).
     task: str = "auto"
@@ -101,6 +124,7 @@ def check_data_config(cfg: Any) -> None:
     from chameleon_ft.tasks import LABEL_MASKS, get_task, task_names
 
     fmt = get_format(_get(cfg, "format"))
+    _check_sharegpt_keys(cfg, fmt.name)
     task = _get(cfg, "task")
     if task != "auto":
         get_task(task)
@@ -123,3 +147,17 @@ def check_data_config(cfg: Any) -> None:
         raise DataConfigError(f"data.max_samples={ms} must be >= 1 (or null)")
     if int(_get(cfg, "image_size", 512)) < 16:
         raise DataConfigError(f"data.image_size={_get(cfg, 'image_size')} is too small")
+
+
+def _check_sharegpt_keys(cfg: Any, format_name: str) -> None:
+    """LLaMA-Factory's keys (dataset_info, dataset_name, tags) are read by the sharegpt format only, and the
+    first two go together."""
+    tags = _get(cfg, "tags")
+    tag_items = (tags.items() if hasattr(tags, "items") else vars(tags).items()) if tags is not None else []
+    set_keys = [k for k in ("dataset_info", "dataset_name") if _get(cfg, k) is not None]
+    set_keys += [f"tags.{k}" for k, v in tag_items if v is not None]
+    if set_keys and format_name != "sharegpt":
+        raise DataConfigError(f"data.{set_keys[0]} is read by data.format=sharegpt only, not {format_name}")
+    if (_get(cfg, "dataset_info") is None) != (_get(cfg, "dataset_name") is None):
+        raise DataConfigError("data.dataset_info and data.dataset_name go together: the dataset_info.json file "
+                              "and the name of its entry")

@@ -26,7 +26,7 @@ from chameleon_ft.registry import Registry
 
 # Canonical flat-record fields a column mapping may rename (data.columns.<field>=<column>).
 CANONICAL_FIELDS = ("image", "images", "caption", "references", "question", "answer", "answers", "prompt",
-                    "conversations", "id")
+                    "conversations", "system", "id")
 SPLIT_PATH_KEYS = {"train": "path", "val": "val_path", "test": "test_path"}
 SPLIT_ROOT_KEYS = {"train": "image_root", "val": "val_image_root", "test": "test_image_root"}
 
