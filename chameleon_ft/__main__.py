@@ -17,7 +17,7 @@ def train_command(cfg) -> float | None:
     return train(cfg).get(cfg.monitor)
 
 
-TRAIN = Command(prog="chameleon-ft", config_name="config", run=train_command, hydra_app=True,
+TRAIN = Command(prog="chameleon-ft", module="chameleon_ft", config_name="config", run=train_command, hydra_app=True,
                 summary="Fine-tune Chameleon (LoRA or full) on a recipe: a model, a data set, an adapter, a trainer.")
 
 

@@ -23,12 +23,13 @@ EXIT_USER_ERROR = 2
 class Command:
     """An entry point: its program name, the config it composes, and the function that runs it."""
 
-    prog: str
+    prog: str  # the command as users type it (a console script)
     config_name: str
     run: Callable[[Any], Any]
     summary: str
     # Training runs through hydra.main: multirun sweeps, run directories, launchers, --cfg/--info.
     hydra_app: bool = False
+    module: str = ""  # the same command as ``python -m <module>``
 
 
 def _full_errors() -> bool:
@@ -82,7 +83,10 @@ def main(command: Command, argv: Sequence[str] | None = None) -> Any:
     if "--help" in argv or "-h" in argv:
         from chameleon_ft.config.help import command_help
 
-        print(command_help(command))
+        try:
+            print(command_help(command, _split_argv(argv)[1]))
+        except ChameleonFTError as e:
+            fail(e)
         return None
     overrides, config_dirs, flags = _split_argv(argv)
     if command.hydra_app:

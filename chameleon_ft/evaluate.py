@@ -1,4 +1,5 @@
-"""``python -m chameleon_ft.evaluate recipe=NAME [adapter=DIR] [split=val] [output=FILE] [key=value ...]``.
+"""``chameleon-ft-evaluate recipe=NAME [adapter=DIR] [split=val] [output=FILE] [key=value ...]``
+(or ``python -m chameleon_ft.evaluate ...``).
 
 Evaluates a checkpoint (``model.path``, base or merged) with an optional adapter on a split of the
 recipe's data, built exactly as the model was trained (see :mod:`chameleon_ft.evaluation.evaluate`).
@@ -23,7 +24,8 @@ def evaluate_command(cfg) -> dict:
     return metrics
 
 
-EVALUATE = Command(prog="python -m chameleon_ft.evaluate", config_name="evaluate", run=evaluate_command,
+EVALUATE = Command(prog="chameleon-ft-evaluate", module="chameleon_ft.evaluate", config_name="evaluate",
+                   run=evaluate_command,
                    summary="Evaluate a model (+ adapter) on a split of a recipe's data; the task's metrics as JSON.")
 
 

@@ -1,4 +1,5 @@
-"""``python -m chameleon_ft.generate mode=text|image input=FILE [adapter=DIR] [key=value ...]``.
+"""``chameleon-ft-generate mode=text|image input=FILE [adapter=DIR] [key=value ...]``
+(or ``python -m chameleon_ft.generate ...``).
 
 See :class:`chameleon_ft.generation.config.GenerateConfig` for the keys and
 :mod:`chameleon_ft.generation.command` for what is written.
@@ -18,7 +19,8 @@ def generate_command(cfg):
     return path
 
 
-GENERATE = Command(prog="python -m chameleon_ft.generate", config_name="generate", run=generate_command,
+GENERATE = Command(prog="chameleon-ft-generate", module="chameleon_ft.generate", config_name="generate",
+                   run=generate_command,
                    summary="Generate answers, captions or images from a JSONL of requests, with a fine-tuned model.")
 
 

@@ -1,4 +1,5 @@
-"""``python -m chameleon_ft.merge base=DIR adapter=DIR out=DIR [layout=expanded|grouped] [dtype=...]``.
+"""``chameleon-ft-merge base=DIR adapter=DIR out=DIR [layout=expanded|grouped] [dtype=...]``
+(or ``python -m chameleon_ft.merge ...``).
 
 Merges an adapter into its base checkpoint, streaming; see :mod:`chameleon_ft.export.merge`.
 """
@@ -9,7 +10,7 @@ from chameleon_ft.cli import Command
 from chameleon_ft.cli import main as run_command
 from chameleon_ft.export.merge import merge
 
-MERGE = Command(prog="python -m chameleon_ft.merge", config_name="merge", run=merge,
+MERGE = Command(prog="chameleon-ft-merge", module="chameleon_ft.merge", config_name="merge", run=merge,
                 summary="Merge an adapter into its base checkpoint (streaming), in either q/k-norm layout.")
 
 

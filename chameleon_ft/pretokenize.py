@@ -1,4 +1,5 @@
-"""``python -m chameleon_ft.pretokenize recipe=NAME [key=value ...]``: build the pre-tokenization cache.
+"""``chameleon-ft-pretokenize recipe=NAME [key=value ...]`` (or ``python -m chameleon_ft.pretokenize``): build
+the pre-tokenization cache.
 
 Takes the same config and overrides as training; VQ-encodes every image of the train, val and (when it
 exists) test splits once, batched on the GPU when there is one. Resumable after a kill, and idempotent:
@@ -33,7 +34,8 @@ def pretokenize(cfg, splits=("train", "val", "test")) -> dict[str, int]:
     return counts
 
 
-PRETOKENIZE = Command(prog="python -m chameleon_ft.pretokenize", config_name="config", run=pretokenize,
+PRETOKENIZE = Command(prog="chameleon-ft-pretokenize", module="chameleon_ft.pretokenize", config_name="config",
+                      run=pretokenize,
                       summary="VQ-encode and tokenize a recipe's data once, into the pre-tokenization cache.")
 
 

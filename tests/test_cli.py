@@ -48,6 +48,15 @@ def test_multirun_sweep_gives_each_run_its_own_directory(tmp_path, tiny_grouped)
     assert len(runs) == 2
     lrs = sorted(float(next(l for l in (r / "config.yaml").read_text().splitlines() if l.strip().startswith("lr:")).split()[-1]) for r in runs)
     assert lrs == [1e-3, 2e-3]
+    # The sweep tells its results: a table of the runs and their monitored metric, and a CSV of it.
+    import csv
+
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert sorted(r["overrides"] for r in rows) == ["optim.lr=1e-3", "optim.lr=2e-3"]
+    for r in rows:
+        run = sweep / r["run"]
+        assert r["monitor"] == "val/acc" and float(r["value"]) == json.loads((run / "metrics.json").read_text())["val/acc"]
+    assert "sweep summary (2 runs, * = best)" in res.stdout
 
 
 def test_cli_typo_and_missing_recipe(tmp_path):

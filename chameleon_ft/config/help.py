@@ -48,23 +48,27 @@ def _table(rows: dict[str, tuple[str, Any]], keys) -> list[str]:
     return [f"  {k:<{width}}  {rows[k][0]:<14} default: {rows[k][1]!r}" for k in keys]
 
 
-def command_help(command) -> str:
-    """The help text of ``command`` (a :class:`chameleon_ft.cli.Command`)."""
+def command_help(command, config_dirs: list[str] | None = None) -> str:
+    """The help text of ``command`` (a :class:`chameleon_ft.cli.Command`), with the options of the user's
+    config folders (``--config-dir``) listed beside the shipped ones."""
     from chameleon_ft.config.commands import COMMAND_SCHEMAS
     from chameleon_ft.config.store import RECIPE_GROUP, group_names, group_options
 
     schema = COMMAND_SCHEMAS[command.config_name]
-    lines = [f"usage: {command.prog} [key=value ...]", "", command.summary, ""]
+    usage = f"usage: {command.prog} [key=value ...]"
+    if command.module:
+        usage += f"   (the same: python -m {command.module} [key=value ...])"
+    lines = [usage, "", command.summary, ""]
     rows = _field_rows(schema)
     if issubclass(schema, ExperimentConfig):
         lines.append("Recipes (recipe=NAME, or recipe=path/to/your_recipe.yaml):")
-        opts = group_options(RECIPE_GROUP)
+        opts = group_options(RECIPE_GROUP, config_dirs)
         width = max(len(n) for n in opts)
         lines += [f"  {n:<{width}}  {d}" for n, d in opts.items()]
         lines += ["", "Config groups (group=option; add your own with --config-dir DIR holding DIR/<group>/*.yaml):"]
         for g in group_names():
             if g != RECIPE_GROUP:
-                lines.append(f"  {g}: {', '.join(group_options(g))}")
+                lines.append(f"  {g}: {', '.join(group_options(g, config_dirs))}")
         own = [k for k in rows if k not in _field_rows(ExperimentConfig)]
         lines += ["", "Most used keys (every key: --cfg job prints the composed config):"]
         lines += _table(rows, [k for k in (*own, *COMMON_KEYS) if k in rows])

@@ -44,10 +44,17 @@ def group_names() -> list[str]:
     return sorted([p.name for p in package_config_dir().iterdir() if p.is_dir()] + [RECIPE_GROUP])
 
 
-def group_options(group: str) -> dict[str, str]:
-    """Option name -> its one-line description (the first comment line of its YAML) for a shipped group."""
+def group_options(group: str, config_dirs: list[str] | None = None) -> dict[str, str]:
+    """Option name -> its one-line description (the first comment line of its YAML) for a shipped group,
+    plus the options of the user's config folders (``--config-dir``), which take precedence."""
     folder = package_recipes_dir() if group == RECIPE_GROUP else package_config_dir() / group
-    return {p.stem: _first_comment(p) for p in sorted(folder.glob("*.yaml"))}
+    options = {p.stem: _first_comment(p) for p in sorted(folder.glob("*.yaml"))}
+    for directory in config_dirs or []:
+        if not Path(directory).expanduser().is_dir():
+            raise ConfigError(f"--config-dir {directory}: no such directory")
+        for p in sorted((Path(directory).expanduser() / group).glob("*.yaml")):
+            options[p.stem] = f"{_first_comment(p)} [{directory}]".lstrip()
+    return options
 
 
 def _first_comment(path: Path) -> str:

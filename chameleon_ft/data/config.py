@@ -30,8 +30,26 @@ class ColumnsConfig:
     answer: Optional[str] = None
     answers: Optional[str] = None
     prompt: Optional[str] = None
-    conversations: Optional[str] = None
+    conversations: Optional[str] = None  # sharegpt: LLaMA-Factory's `messages` column
+    system: Optional[str] = None  # sharegpt: a column holding the system prompt (read only when mapped)
     id: Optional[str] = None
+
+
+@dataclass
+class ShareGPTTagsConfig:
+    """LLaMA-Factory's ``tags`` of a ShareGPT data set (``data.format=sharegpt``): the message keys holding the
+    role and the content, and the role values. All unset: ``role``/``from``, ``content``/``value``,
+    ``user``/``human``, ``assistant``/``gpt`` and ``system`` are recognised; any one set: LLaMA-Factory's
+    rule, every unset tag takes its default (from, value, human, gpt, system, observation, function_call).
+    """
+
+    role_tag: Optional[str] = None
+    content_tag: Optional[str] = None
+    user_tag: Optional[str] = None
+    assistant_tag: Optional[str] = None
+    system_tag: Optional[str] = None
+    observation_tag: Optional[str] = None
+    function_tag: Optional[str] = None
 
 
 @dataclass
@@ -60,6 +78,11 @@ class DataConfig:
     # vqav2 file naming; fields {split} (the questions file's data_subtype, e.g. train2014) and {image_id}
     image_template: Optional[str] = None
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # sharegpt: a LLaMA-Factory dataset_info.json and the entry to read (its file_name, columns and tags;
+    # data.path, data.columns and data.tags set here take precedence). Images resolve against its directory.
+    dataset_info: Optional[str] = None
+    dataset_name: Optional[str] = None
+    tags: ShareGPTTagsConfig = field(default_factory=ShareGPTTagsConfig)
     # The task of each sample: a registered task, or auto (the run's task for formats made for fixed tasks;
     # inferred per record from its fields for the open formats).
     task: str = "auto"
@@ -103,6 +126,7 @@ def check_data_config(cfg: Any) -> None:
     from chameleon_ft.tasks import LABEL_MASKS, get_task, task_names
 
     fmt = get_format(_get(cfg, "format"))
+    _check_format_keys(cfg, fmt)
     task = _get(cfg, "task")
     if task != "auto":
         get_task(task)
@@ -126,3 +150,29 @@ def check_data_config(cfg: Any) -> None:
     size = _get(cfg, "image_size")
     if size is not None and int(size) < 16:
         raise DataConfigError(f"data.image_size={size} is too small")
+
+
+def _set_keys(cfg: Any, key: str) -> list[str]:
+    """``data.<key>`` as set (not None), or its set sub-keys for a nested group such as ``tags``."""
+    value = _get(cfg, key)
+    if value is None:
+        return []
+    if hasattr(value, "items") or hasattr(value, "__dataclass_fields__"):
+        items = value.items() if hasattr(value, "items") else vars(value).items()
+        return [f"{key}.{k}" for k, v in items if v is not None]
+    return [key]
+
+
+def _check_format_keys(cfg: Any, fmt) -> None:
+    """A key only one format reads (its ``own_keys``) may not be set for another format; then the format's
+    own checks (:meth:`Format.check_config`)."""
+    from chameleon_ft.data.formats import FORMATS
+
+    for other in FORMATS.values():
+        if other is fmt:
+            continue
+        for key in other.own_keys:
+            if key not in fmt.own_keys and _set_keys(cfg, key):
+                raise DataConfigError(f"data.{_set_keys(cfg, key)[0]} is read by data.format={other.name} only, "
+                                      f"not {fmt.name}")
+    fmt.check_config(cfg)

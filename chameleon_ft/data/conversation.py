@@ -24,12 +24,13 @@ class MarkerRules:
     """How a format marks images in text.
 
     ``marker``: the placeholder string. ``unmarked``: where images go when the text has no marker at all,
-    ``"single"`` (LLaVA: one image allowed, at the start of the first user turn) or ``"all"`` (Lumina:
-    every image there). ``verbatim``: text next to a marker is kept exactly as written (Lumina-mGPT
-    tokenizes the whole conversation, so the newline in ``"<|image|>\n..."`` and the space in
-    ``"... <|image|>"`` are tokens); otherwise whitespace that only separates a marker from the text is
-    dropped. ``implicit_separator``: what follows each image put at the start of the first user turn when
-    the text has no marker (Lumina-mGPT inserts ``"<|image|> "``).
+    ``"single"`` (LLaVA: one image allowed, at the start of the first user turn), ``"all"`` (Lumina:
+    every image there) or ``"none"`` (LLaMA-Factory: every image needs its marker). ``verbatim``: text
+    next to a marker is kept exactly as written (Lumina-mGPT tokenizes the whole conversation, so the
+    newline in ``"<|image|>\n..."`` and the space in ``"... <|image|>"`` are tokens); otherwise whitespace
+    that only separates a marker from the text is dropped. ``implicit_separator``: what follows each image
+    put at the start of the first user turn when the text has no marker (Lumina-mGPT inserts
+    ``"<|image|> "``).
     """
 
     marker: str = "<image>"
@@ -110,7 +111,7 @@ def chat_conversation(messages: Any, images: list[ImageRef], rules: MarkerRules,
         contents.append(_pieces(m.get("value", m.get("content")), rules.marker, file, index, t))
     refs = list(images)
     n_marks = sum(p is _MARK for c in contents for p in c)
-    if n_marks == 0 and refs and (rules.unmarked == "all" or len(refs) == 1):
+    if n_marks == 0 and refs and (rules.unmarked == "all" or (rules.unmarked == "single" and len(refs) == 1)):
         first = roles.index("user") if "user" in roles else 0
         implicit: list = []
         for _ in refs:

@@ -28,6 +28,7 @@ REASONS = {
     "empty_turn": "a turn has neither text nor image",
     "unknown_role": "a turn's role is not one of system/user/assistant (or a known alias)",
     "no_assistant_turn": "nothing to learn: the conversation has no assistant turn",
+    "turn_order": "ShareGPT turns do not alternate user/assistant (after an optional system turn) in pairs",
     "no_trainable_tokens": "after tokenization (and truncation) no label is trained",
     "text_only": "the task needs an image but the record has none",
     "missing_field": "a field the format or task requires is absent or empty",

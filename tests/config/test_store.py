@@ -82,3 +82,25 @@ def test_config_dir_adds_recipes_and_group_options(tmp_path):
     cfg = compose(["recipe=mine"], config_dirs=[str(tmp_path)])
     assert (cfg.task, cfg.data.image_size, cfg.data.batch_size) == ("vqa", 32, 4)
     assert compose(["recipe=vqa", "data=my_digits"], config_dirs=[str(tmp_path)]).data.image_size == 32
+
+
+def test_help_lists_the_options_of_the_users_config_dir(tmp_path):
+    from chameleon_ft.__main__ import TRAIN
+    from chameleon_ft.config.help import command_help
+
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# My own digits run.\ntask: vqa\n")
+    (tmp_path / "recipe" / "debug.yaml").write_text("# My debug, instead of the shipped one.\ntask: vqa\n")
+    (tmp_path / "data" / "my_digits.yaml").write_text("# Small digits.\nformat: digits\n")
+    text = command_help(TRAIN, [str(tmp_path)])
+    rows = {line.split()[0]: line for line in text.split("Recipes")[1].split("Config groups")[0].splitlines()[1:]
+            if line.strip()}
+    assert rows["mine"].endswith(f"My own digits run. [{tmp_path}]")
+    assert rows["debug"].endswith(f"My debug, instead of the shipped one. [{tmp_path}]")
+    assert "vqa" in rows and "[" not in rows["vqa"]
+    data_row = next(line for line in text.splitlines() if line.strip().startswith("data:"))
+    assert "my_digits" in data_row and "llava" in data_row and "sharegpt" in data_row
+    assert "mine" not in command_help(TRAIN)
+    with pytest.raises(ConfigError, match="--config-dir .*missing: no such directory"):
+        command_help(TRAIN, [str(tmp_path / "missing")])

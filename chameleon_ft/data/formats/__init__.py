@@ -26,7 +26,7 @@ from chameleon_ft.registry import Registry
 
 # Canonical flat-record fields a column mapping may rename (data.columns.<field>=<column>).
 CANONICAL_FIELDS = ("image", "images", "caption", "references", "question", "answer", "answers", "prompt",
-                    "conversations", "id")
+                    "conversations", "system", "id")
 CHAMELEON_IMAGE_SIZE = 512
 SPLIT_PATH_KEYS = {"train": "path", "val": "val_path", "test": "test_path"}
 SPLIT_ROOT_KEYS = {"train": "image_root", "val": "val_image_root", "test": "test_image_root"}
@@ -62,6 +62,10 @@ class Format:
     description: ClassVar[str]
     tasks: ClassVar[tuple[str, ...] | None] = None  # the tasks it can produce; None: any
     rules: ClassVar[MarkerRules] = MarkerRules()
+    own_keys: ClassVar[tuple[str, ...]] = ()  # data.* keys only this format reads (others refuse them set)
+
+    def check_config(self, cfg) -> None:
+        """Format-specific checks of ``data.*`` at compose time (default: none)."""
 
     # -- which files a split reads ------------------------------------------------------------------------
     def split_inputs(self, cfg, split: str) -> SplitInputs:
