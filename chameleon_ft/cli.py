@@ -84,9 +84,11 @@ def main(command: Command, argv: Sequence[str] | None = None) -> Any:
         from chameleon_ft.config.help import command_help
 
         try:
-            print(command_help(command, _split_argv(argv)[1]))
+            print(command_help(command, _split_argv(argv)[1]), flush=True)
         except ChameleonFTError as e:
             fail(e)
+        except BrokenPipeError:  # `chameleon-ft --help | head`: the reader left; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return None
     overrides, config_dirs, flags = _split_argv(argv)
     if command.hydra_app:
