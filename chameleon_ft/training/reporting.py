@@ -137,3 +137,57 @@ def run_card(cfg, assets, run_dir: Path, *, train_samples: int, val_samples: int
     if resumed_from:
         card["resumed from"] = resumed_from
     return card
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM stops the run at the next safe point with a checkpoint.
+
+    The first signal only sets a flag; after the optimizer step in progress, every rank agrees (one
+    collective when there are several), the checkpoint callback writes a checkpoint of this step, and the
+    trainer stops. A second signal stops at once, as usual. :attr:`stopped_at` is the step saved.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.requested:  # a second signal: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (a checkpoint is written); press Ctrl-C again to stop at once",
+              flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        stop = self.requested
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop or self.stopped_at is not None:
+            return
+        from chameleon_ft.training.checkpointing import AtomicCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, AtomicCheckpoint) and cb._last_global_step_saved != trainer.global_step:
+                cb._save_checkpoint(trainer, cb.format_checkpoint_name(cb._monitor_candidates(trainer)))
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import signal
+
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
