@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from chameleon_ft.errors import ConfigError
 from chameleon_ft.training.checkpointing import CHECKPOINT_SUBDIR, AtomicCheckpoint, find_resume_checkpoint
 from chameleon_ft.training.dataloading import ResumableDataLoader, build_dataloaders, trainer_progress
+from chameleon_ft.training.health import check_finite_weights
 from chameleon_ft.training.module import ChameleonLitModule
+from chameleon_ft.training.resume import check_resume, record_resume
+from chameleon_ft.training.run_lock import RunDirLock
 from chameleon_ft.training.strategy import build_strategy, resolve_accelerator
 
 log = logging.getLogger(__name__)
@@ -189,23 +193,34 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     ``run_dir``: where config, logs, checkpoints, adapter and ``metrics.json`` go (default: Hydra's
     output dir). ``loader_factory`` replaces :func:`build_dataloaders` (same signature); ``evaluators``
     go to :attr:`ChameleonLitModule.evaluators`; ``callbacks`` are extra Lightning callbacks.
+
+    The run holds an exclusive lock on ``run_dir`` (:class:`RunDirLock`, rank 0). A resume is checked to
+    continue the same run (:func:`check_resume`) before anything in ``run_dir`` is written. A diverged run
+    stops with a :class:`~chameleon_ft.errors.RunError` and exports nothing.
     """
+    run_dir = resolve_run_dir(run_dir).resolve()
+    lock = RunDirLock(run_dir) if rank_zero_only.rank == 0 else nullcontext()
+    with lock:
+        return _train_locked(cfg, run_dir, loader_factory, evaluators, callbacks)
+
+
+def _train_locked(cfg: DictConfig, run_dir: Path, loader_factory, evaluators, callbacks) -> dict:
     from chameleon_ft.data.pipeline import sample_settings
     from chameleon_ft.tiny import resolve_checkpoint
 
-    run_dir = resolve_run_dir(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     # Before seeding: building the tiny checkpoint on first use must not shift the run's random numbers.
     assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
     cfg.model.path = str(assets.path)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resolve_resume(cfg.resume, run_dir)
-
-    if ckpt_path is not None and rank_zero_only.rank == 0:
-        keep_previous_csv(run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)  # writes nothing yet
+    if ckpt_path is not None:
+        resumed = check_resume(ckpt_path, cfg, trainer.world_size, run_dir)  # refuses before any write
+        if trainer.is_global_zero:
+            keep_previous_csv(run_dir)
+            record_resume(run_dir, resumed)
     module = ChameleonLitModule(cfg, assets.path, evaluators=evaluators)
-    trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     factory = loader_factory or build_dataloaders
@@ -220,8 +235,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     if isinstance(train_loader, ResumableDataLoader):
         train_loader.bind_progress(trainer_progress(trainer))
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    if trainer.global_step == 0:
+        log.warning("NO OPTIMIZER STEP RAN (trainer.max_steps=%s): the exported %s is untrained, identical to the "
+                    "base model", cfg.trainer.max_steps, "model" if cfg.peft.method == "none" else "adapter")
     trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = dict(module.last_val_metrics)
+    check_finite_weights(trainer, module, f"the trained weights to {run_dir}")
     exported = export_trained(module, run_dir, is_global_zero=trainer.is_global_zero)
     if trainer.is_global_zero:
         (run_dir / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))

@@ -142,3 +142,13 @@ def test_keep_last_prunes_old_checkpoints(ckpt, tmp_path):
           tmp_path, loader_factory=loader_factory())
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000004.ckpt", "step-00000005.ckpt"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004.ckpt", "step-00000005.ckpt"]
+
+
+def test_checkpoint_due_on_an_epochs_last_batch_is_written_with_step_based_validation(ckpt, tmp_path):
+    # 6 batches per epoch; step 6 ends epoch 0, but validation runs at steps 4 and 8 only: Lightning would
+    # defer the step-6 save to a validation that never comes at that step.
+    over = {"trainer.max_steps": 8, "checkpoint.every_n_steps": 6, "trainer.val_check_interval": 4,
+            "checkpoint.keep_last": 0}
+    train(make_cfg(ckpt, **over), tmp_path, loader_factory=loader_factory())
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000006.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "step-00000006.ckpt", weights_only=True)["global_step"] == 6
