@@ -15,7 +15,6 @@ from chameleon_ft.data.formats import (
     SplitInputs,
     dataset_from_generator,
     register_format,
-    resolve_images,
 )
 from chameleon_ft.data.jsonfile import file_stamp, json_record_rows, record_from_row
 
@@ -36,7 +35,7 @@ class ConversationFormat(Format):
         if images is None:
             images = rec.get(cols.get("images", "images"))
         fields = {"conversations": rec.get(cols.get("conversations", "conversations")),
-                  "images": resolve_images(images, ctx.image_root, ctx.file, index), "_keys": sorted(rec)}
+                  "images": ctx.resolve_images(images, index), "_keys": sorted(rec)}
         if isinstance(rec.get("id"), (str, int)):
             fields["id"] = rec["id"]
         return fields
