@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -31,13 +30,6 @@ from chameleon_ft.model.tensors import nonfinite_summary
 
 log = logging.getLogger(__name__)
 warn_on_rank_zero = rank_zero_only(log.warning)  # every rank judges alike; one of them says so
-
-
-@dataclass
-class StepVerdict:
-    """What to do with the step just computed: ``skip`` drops its gradients."""
-
-    skip: bool = False
 
 
 class StepHealth:
@@ -58,21 +50,22 @@ class StepHealth:
         self.zero_streak = 0
         self.warned_frozen = False
 
-    def check(self, step: int, loss: float, grad_norm: float, *, grad_norm_checked: bool = True) -> StepVerdict:
-        """Judge optimizer step ``step`` (as logged). ``grad_norm_checked=False`` when a gradient scaler
-        owns non-finite gradients (fp16: it skips those steps itself)."""
+    def check(self, step: int, loss: float, grad_norm: float, *, grad_norm_checked: bool = True) -> bool:
+        """Judge optimizer step ``step`` (as logged): True when its gradients must be dropped (a skipped step);
+        raises :class:`RunError` when it diverged beyond the skip budget. ``grad_norm_checked=False`` when a
+        gradient scaler owns non-finite gradients (fp16: it skips those steps itself)."""
         bad_grad = grad_norm_checked and not math.isfinite(grad_norm)
         if not math.isfinite(loss) or bad_grad:
             return self._nonfinite(step, loss, grad_norm)
         self._track_zero_grad(step, grad_norm)
-        return StepVerdict()
+        return False
 
-    def _nonfinite(self, step: int, loss: float, grad_norm: float) -> StepVerdict:
+    def _nonfinite(self, step: int, loss: float, grad_norm: float) -> bool:
         if self.skipped < self.skip_budget:
             self.skipped += 1
-            warn_on_rank_zero("step %d: train/loss=%s, train/grad_norm=%s: skipped (%d of trainer.skip_nonfinite_steps=%d)",
-                        step, _fmt(loss), _fmt(grad_norm), self.skipped, self.skip_budget)
-            return StepVerdict(skip=True)
+            warn_on_rank_zero("step %d: train/loss=%s, train/grad_norm=%s: skipped (%d of trainer.skip_nonfinite_steps"
+                              "=%d)", step, _fmt(loss), _fmt(grad_norm), self.skipped, self.skip_budget)
+            return True
         run = self.describe_run()
         skipped = (f" after skipping {self.skipped} such step(s) (trainer.skip_nonfinite_steps={self.skip_budget})"
                    if self.skip_budget else "")

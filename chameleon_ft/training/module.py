@@ -8,6 +8,10 @@ each gradient is the plain sum of ``d loss_sum`` over every token of the step on
 ranks) is known, and the gradients are divided by it before clipping. The result is the gradient of
 the token-mean loss of the global batch, independent of data-parallel size and accumulation (also for
 a shorter last window of an epoch).
+
+Health. The step's loss and gradient norm then go through :class:`~chameleon_ft.training.health.StepHealth`:
+a non-finite step stops the run (or, within ``trainer.skip_nonfinite_steps``, has its gradients dropped),
+and a run whose gradients stay exactly zero is warned about.
 """
 
 from __future__ import annotations
@@ -148,9 +152,8 @@ class ChameleonLitModule(L.LightningModule):
         }
         # Under fp16 the gradient scaler skips steps with non-finite gradients itself.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        verdict = self.health.check(self.global_step, metrics["train/loss"], metrics["train/grad_norm"],
-                                    grad_norm_checked=scaler is None)
-        if verdict.skip:
+        if self.health.check(self.global_step, metrics["train/loss"], metrics["train/grad_norm"],
+                             grad_norm_checked=scaler is None):
             for p in params:  # AdamW leaves a parameter without a gradient (and its moments) untouched
                 p.grad = None
         if self.health.skip_budget:

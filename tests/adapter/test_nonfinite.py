@@ -16,10 +16,11 @@ POISONED = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
-    """A base checkpoint and an exported adapter on it with one NaN and two infinities in ``POISONED``."""
+def poisoned(tmp_path_factory, tiny_grouped):
+    """The tiny checkpoint and an exported adapter on it with one NaN and two infinities in ``POISONED``
+    (otherwise a working adapter: without the check, merge and evaluation would run on it)."""
     root = tmp_path_factory.mktemp("nonfinite")
-    base = write_small_checkpoint(root / "base", layout="expanded")
+    base = tiny_grouped
     adapter = export_adapter(lora_model(load_model(base)), root / "adapter", base)
     weights = adapter / "adapter_model.safetensors"
     tensors = load_file(weights)

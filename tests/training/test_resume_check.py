@@ -63,12 +63,13 @@ def test_cli_resume_of_another_recipe_is_refused_and_an_allowed_change_continues
     assert f"Nothing in {copy} was changed" in last and "resume_allow=[" in last
     assert_untouched(copy, before)  # config.yaml, the CSV log, checkpoints, the first invocation's .hydra
 
-    res = run_module("chameleon_ft", ["recipe=debug", "resume=auto", "trainer.max_steps=4",
-                                      "resume_allow=[trainer.max_steps]", f"hydra.run.dir={copy}"], cwd=tmp_path)
+    # README: continue longer with a deliberately lower learning rate
+    res = run_module("chameleon_ft", ["recipe=debug", "resume=auto", f"hydra.run.dir={copy}", "trainer.max_steps=4",
+                                      "optim.lr=1e-4", "resume_allow=[optim.lr]"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     (entry,) = [json.loads(line) for line in (copy / RESUMES_FILE).read_text().splitlines()]
     assert entry["step"] == 2 and entry["checkpoint"] == str(copy / "checkpoints" / "step-00000002.ckpt")
-    assert entry["changed"] == {"trainer.max_steps": {"old": 2, "new": 4}}
+    assert entry["changed"] == {"optim.lr": {"old": 2e-4, "new": 1e-4}, "trainer.max_steps": {"old": 2, "new": 4}}
     assert (copy / "checkpoints" / "step-00000004.ckpt").exists()
     assert (copy / "csv" / "metrics.part1.csv").read_bytes() == before["csv/metrics.csv"]
 
