@@ -37,11 +37,15 @@ def _full_errors() -> bool:
 
 
 def fail(err: BaseException) -> None:
-    """Print a user error as one line and exit 2 (or re-raise it with ``HYDRA_FULL_ERROR=1``)."""
+    """Print a user error as one line and exit 2, or the error's own ``exit_code`` (re-raise it with
+    ``HYDRA_FULL_ERROR=1``)."""
     if _full_errors():
         raise err
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(getattr(err, "exit_code", EXIT_USER_ERROR))
+
+
+EXIT_INTERRUPTED = 130
 
 
 # Hydra flags followed by a value (--cfg job, --info searchpath, ...).
@@ -138,6 +142,11 @@ def _run_hydra_app(command: Command, flags: list[str], overrides: list[str], con
             return command.run(resolve_experiment(cfg))
         except ChameleonFTError as e:
             fail(e)
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this step
+            if _full_errors():
+                raise
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     # Hydra reads sys.argv itself: hand it our prepared overrides and flags (user config folders are
     # registered in the config store already).

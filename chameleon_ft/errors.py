@@ -26,3 +26,9 @@ class CheckpointError(ChameleonFTError, ValueError):
 
 class RunError(ChameleonFTError, RuntimeError):
     """A run cannot start or continue: a diverged loss, a mismatched resume, a busy run directory."""
+
+
+class RunInterrupted(RunError):
+    """The user stopped a run (Ctrl-C, SIGTERM) and it saved a checkpoint to continue from."""
+
+    exit_code = 130  # the shell's code for a SIGINT

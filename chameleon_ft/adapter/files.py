@@ -28,6 +28,7 @@ from torch import nn
 
 from chameleon_ft.adapter.attach import TOKEN_DELTA, base_model, clean_name
 from chameleon_ft.errors import CheckpointError
+from chameleon_ft.model.tensors import first_nonfinite
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -111,6 +112,10 @@ def export_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str |
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # a diverged adapter is never written, so no later step can mistake it for a result
+        raise CheckpointError(f"refusing to write the adapter to {out_dir}: tensor {bad[0]} has {bad[1]} "
+                              "(training diverged)")
     config = _jsonable(peft_config.to_dict())
     config.update(base_model_name_or_path=str(base_model_path), inference_mode=True)
     lora_keys = [k for k in tensors if ".lora_" in k]
@@ -139,7 +144,8 @@ class AdapterFiles:
 
 
 def read_adapter(path: str | Path) -> AdapterFiles:
-    """Read an exported adapter directory; errors name the file and what is wrong."""
+    """Read an exported adapter directory; errors name the file and what is wrong. An adapter with a NaN or
+    infinite value (a diverged run) is refused, naming the tensor: merges and evaluation read it here."""
     from peft.utils import load_peft_weights
 
     path = Path(path)
@@ -161,6 +167,10 @@ def read_adapter(path: str | Path) -> AdapterFiles:
         tensors = load_peft_weights(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{w_file}: not a readable safetensors file ({e})") from e
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{w_file}: tensor {bad[0]} has {bad[1]}; the run that wrote it diverged "
+                              "(retrain with a lower optim.lr)")
     return AdapterFiles(path, config, tensors, SampleSettings.load(path))
 
 

@@ -12,7 +12,7 @@ from chameleon_ft.config.schema import ExperimentConfig
 COMMON_KEYS = ("model.path", "data.path", "data.val_path", "data.image_root", "data.val_fraction", "data.max_length",
                "data.batch_size", "peft.method", "peft.r", "peft.alpha", "optim.lr", "optim.warmup_steps",
                "trainer.max_steps", "trainer.devices", "trainer.precision", "trainer.accumulate_grad_batches",
-               "checkpoint.every_n_steps", "resume", "seed", "task", "monitor")
+               "checkpoint.every_n_steps", "resume", "resume_allow", "seed", "task", "monitor")
 
 
 def _type_name(tp: Any) -> str:

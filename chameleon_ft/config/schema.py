@@ -79,6 +79,10 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = 0
     deterministic: bool = False
+    # A NaN/inf loss or gradient norm stops the run; up to this many such steps are skipped instead.
+    skip_nonfinite_steps: int = 0
+    # Warn (once) when every trainable gradient is exactly 0 for this many optimizer steps in a row; 0: never.
+    zero_grad_warn_steps: int = 3
 
 
 @dataclass
@@ -128,6 +132,9 @@ class ExperimentConfig:
     task: str = "vqa"  # a registered task (chameleon_ft.tasks): captioning | vqa | text_to_image | chat | ...
     seed: int = 0
     resume: str = "none"  # none | auto | <checkpoint path>
+    # Keys (or groups) a resume may change although they define the run, e.g. [optim.lr, data]; every
+    # resume and what it changed is recorded in <run dir>/resumes.jsonl.
+    resume_allow: list[str] = field(default_factory=list)
     # The metric the run returns to sweepers and reports as its best; None: the task's own (e.g. val/acc).
     monitor: Optional[str] = None
     monitor_mode: Optional[str] = None  # max | min; None: the task's

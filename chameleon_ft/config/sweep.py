@@ -22,13 +22,18 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     for cfg_file in sorted(sweep_dir.glob("*/config.yaml"), key=lambda p: p.parent.name):
         run = cfg_file.parent
         cfg = OmegaConf.load(cfg_file)
-        overrides_file = run / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
+        # Each invocation records under .hydra/<timestamp>/; the latest one is this run's.
+        records = sorted((run / ".hydra").glob("**/overrides.yaml"), key=lambda p: p.stat().st_mtime)
+        overrides = [str(o) for o in OmegaConf.load(records[-1])] if records else []
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
         monitor = cfg.get("monitor")
-        rows.append({"run": run.name, "overrides": " ".join(str(o) for o in overrides), "monitor": monitor,
+        rows.append({"run": run.name, "overrides": overrides, "monitor": monitor,
                      "mode": cfg.get("monitor_mode"), "value": metrics.get(monitor),
                      "status": "done" if metrics else "no metrics"})
+    # Overrides that every run shares (the recipe, step limits) say nothing about the sweep: show what varies.
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for r in rows:
+        r["overrides"] = " ".join(o for o in r["overrides"] if o not in shared)
     return rows
 
 

@@ -75,6 +75,8 @@ class DataConfig:
     image_root: Optional[str] = None
     val_image_root: Optional[str] = None
     test_image_root: Optional[str] = None
+    # Image paths (relative or absolute) must lie under the split's image root; true lifts the check.
+    allow_outside_root: bool = False
     # vqav2 file naming; fields {split} (the questions file's data_subtype, e.g. train2014) and {image_id}
     image_template: Optional[str] = None
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
@@ -96,6 +98,10 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 0  # processes for datasets.map (0: in-process)
     cache_dir: Optional[str] = None  # datasets cache (None: the datasets default)
+    # Pre-tokenization is saved in shards of at most this many records or seconds of encoding; a killed
+    # build resumes after its last finished shard (so it loses at most about this many seconds).
+    pretokenize_shard_size: int = 512
+    pretokenize_shard_seconds: float = 60.0
 
     # -- samples and tokenization ------------------------------------------------------------------------
     max_length: int = 2048

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # reason code -> what it means (the report and the docs list these)
 REASONS = {
     "missing_image": "an image file named by the record does not exist",
+    "outside_root": "an image path lies outside the image root (data.allow_outside_root=false)",
     "bad_image": "an image file cannot be decoded (truncated, not an image, too large)",
     "placeholder_count": "the number of image markers in the text differs from the number of images",
     "empty_conversation": "the record has no turns",
@@ -47,6 +48,21 @@ class DataConfigError(ConfigError):
 
 class DataFormatError(DataError):
     """A whole input file is unusable (missing, not JSON, wrong top-level structure)."""
+
+
+class EmptySplitError(DataError):
+    """A split has no usable sample: its file is empty, or every record of it was skipped as bad."""
+
+    @classmethod
+    def for_split(cls, file: str, split: str, read: int, skipped: dict[str, int], report: str | Path | None = None
+                  ) -> EmptySplitError:
+        """The error for ``split`` of ``file``: ``read`` records, ``skipped`` counts per reason."""
+        if read == 0:
+            return cls(f"{file}: split {split!r} is empty: the file has no records")
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items())) or "none"
+        where = f"; report: {report}" if report else ""
+        return cls(f"{file}: split {split!r} has no usable samples: {read} record(s) read, all skipped as bad "
+                   f"(counts per reason: {reasons}){where}")
 
 
 class BadSampleError(DataError):

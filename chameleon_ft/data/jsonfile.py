@@ -3,13 +3,15 @@
 Files of the conversation and flat formats are parsed here rather than by ``load_dataset("json")``: real
 files mix types between records (``image`` a string in one record and a list in the next, ``id`` int or
 str), which Arrow's schema inference rejects for the whole file, and non-UTF-8 bytes must be reported
-per record.
+per record. A JSON array is streamed (``ijson``), so a 10 GB LLaVA file is never held in memory.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,25 +61,119 @@ def _bad(file: str, index: int, reason: str, detail: str) -> str:
     return json.dumps(BadSampleError(file, index, reason, detail).to_dict())
 
 
+# Stands in for each byte that is not UTF-8, so that the streaming parser can go on and the record holding
+# it is reported: a Unicode noncharacter, reserved for such internal use and absent from real text.
+NOT_UTF8 = "\ufdd0"
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+_TOP_LEVEL_TYPES = {b"{": "an object", b'"': "a string", b"t": "a boolean", b"f": "a boolean", b"n": "null"}
+
+
+class _Utf8Repaired:
+    """A binary file whose bytes that are not UTF-8 read as :data:`NOT_UTF8` (valid UTF-8 for the parser);
+    a leading byte-order mark is dropped."""
+
+    def __init__(self, f):
+        self.f, self.decoder, self.first = f, codecs.getincrementaldecoder("utf-8")("surrogateescape"), True
+        self.repaired = False  # whether any byte was replaced so far
+
+    def read(self, size: int = -1) -> bytes:
+        raw = self.f.read(size)
+        text = self.decoder.decode(raw, final=not raw)
+        if self.first and text:
+            text, self.first = text.removeprefix("\ufeff"), False
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            self.repaired = True
+            return _ESCAPED_BYTE.sub(NOT_UTF8, text).encode("utf-8")
+
+
+def _first_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        while not head:
+            chunk = f.read(4096)
+            if not chunk:
+                return b""
+            head = chunk.lstrip()
+    return head[:1]
+
+
+def _not_a_list(path: str) -> DataFormatError:
+    """The error for a JSON document that is not a list of records (or is not valid JSON at all)."""
+    import ijson
+
+    with open(path, "rb") as f:
+        try:
+            for _ in ijson.basic_parse(_Utf8Repaired(f)):  # streamed: only checks the document
+                pass
+        except ijson.JSONError as e:
+            return DataFormatError(f"{path}: not valid JSON: {_first_line(e)}")
+    kind = _TOP_LEVEL_TYPES.get(_first_byte(path), "a number")
+    return DataFormatError(f"{path}: expected a JSON list of records, got {kind}")
+
+
+def _json_array_rows(path: str):
+    import ijson
+
+    if _first_byte(path) != b"[":
+        raise _not_a_list(path)
+    done = 0
+    # The fast C parser stops at a \\u escape of a lone surrogate (not UTF-8 text); the pure-Python parser
+    # reads it, and the record holding it is reported. Only such a file is read again, the slow way.
+    for backend in (ijson, ijson.get_backend("python")):
+        try:
+            for row in _array_items(path, backend, skip=done):
+                yield row
+                done += 1
+            return
+        except UnicodeDecodeError:
+            if backend is not ijson:
+                raise DataFormatError(f"{path}: not UTF-8 after {done} record(s)") from None
+
+
+def _array_items(path: str, backend, skip: int):
+    """Rows of the records of a JSON array (the first ``skip`` left out), parsed by ijson ``backend``."""
+    from ijson import JSONError
+
+    with open(path, "rb") as f:
+        stream = _Utf8Repaired(f)
+        i = 0
+        try:
+            for rec in backend.items(stream, "item", use_float=True):
+                if i >= skip:
+                    raw = json.dumps(rec, ensure_ascii=False)
+                    if (stream.repaired and NOT_UTF8 in raw) or not _encodes(raw):
+                        yield {"_row": i, "raw": "", "_error": _bad(path, i, "non_utf8",
+                                                                    "text contains bytes that are not UTF-8")}
+                    else:
+                        yield {"_row": i, "raw": raw, "_error": ""}
+                i += 1
+        except JSONError as e:
+            raise DataFormatError(f"{path}: not valid JSON (after {i} record(s)): {_first_line(e)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    """The parser's message without the excerpt of the file it draws below it."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def json_record_rows(path: str, stamp: str = ""):
-    """Rows ``{"_row", "raw" (the record as JSON), "_error"}`` from a JSON array or JSON-lines file.
+    """Rows ``{"_row", "raw" (the record as JSON), "_error"}`` from a JSON array (streamed) or JSON-lines file.
 
     ``stamp`` only takes part in the datasets cache fingerprint of a generator that calls this.
     """
     del stamp
     if is_json_array(path):
-        text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}: not valid JSON: {e}") from None
-        if not isinstance(data, list):
-            raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            if not _utf8_clean(rec):
-                yield {"_row": i, "raw": "", "_error": _bad(path, i, "non_utf8", "text contains bytes that are not UTF-8")}
-            else:
-                yield {"_row": i, "raw": json.dumps(rec, ensure_ascii=False), "_error": ""}
+        yield from _json_array_rows(path)
         return
     i = 0
     with open(path, "rb") as f:

@@ -4,8 +4,9 @@ The cache directory is keyed on the data config, the split, the input files' siz
 checkpoint's tokenizer and VQ weights (checksums) and this pipeline's version, so a change to any of them
 builds a new cache. The image files a cache was built from are stamped too (size, mtime) and checked
 on every reuse: an image replaced in place rebuilds the cache. So a stale cache is never reused. It is
-written in shards, each saved to a temporary directory and renamed when complete, so a run killed at
-any moment resumes with the shards it finished and building twice gives the same result. A file lock
+written in shards of at most a minute of encoding (configurable), each saved to a temporary directory and
+renamed when complete, so a run killed at any moment resumes with the shards it finished, losing at most
+one shard's work, and building twice gives the same result. A file lock
 lets only one process (e.g. one rank of a multi-GPU run) build or check a cache at a time.
 """
 
@@ -16,7 +17,8 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, is_dataclass, replace
+import time
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -24,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_ft.adapter.files import SampleSettings
-from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy, DataConfigError
+from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy, DataConfigError, EmptySplitError
 from chameleon_ft.data.formats import get_format
 from chameleon_ft.data.reading import read_conversations, sample_task
 from chameleon_ft.data.splits import canonical_split
@@ -39,7 +41,8 @@ PIPELINE_VERSION = 1
 _reported: set[str] = set()  # caches already announced in this process
 IMAGE_STAMPS = "image_stamps.json"
 # Keys of DataConfig that do not change the tokenized samples (loader and collator settings).
-NOT_IN_KEY = {"batch_size", "eval_batch_size", "num_workers", "packing", "cfg_dropout", "cache_dir"}
+NOT_IN_KEY = {"batch_size", "eval_batch_size", "num_workers", "packing", "cfg_dropout", "cache_dir",
+              "pretokenize_shard_size", "pretokenize_shard_seconds"}
 FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")),
@@ -189,20 +192,37 @@ def build_encoder(data_cfg, assets: CheckpointAssets | str | Path, device=None) 
     return ConversationEncoder(assets.tokenizer, assets.tokens, assets.vqgan(device), opts)
 
 
+def empty_samples() -> datasets.Dataset:
+    """A tokenized split without rows (``Dataset.from_list([])`` cannot know the columns)."""
+    return datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+
+
 def tokenized_split(data_cfg, assets: CheckpointAssets | str | Path, split: str, *, run_dir: str | Path | None = None,
-                    shard_size: int = 512, device=None, progress: bool = True) -> datasets.Dataset:
+                    shard_size: int | None = None, shard_seconds: float | None = None, device=None,
+                    progress: bool = True) -> datasets.Dataset:
     """The tokenized ``split``, from the cache or built into it first.
 
     Columns: ``input_ids``, ``labels`` (-100 = not trained), ``prompt_ids`` (the sequence before the last
     assistant turn), ``target`` (its text), ``uncond_input_ids``/``uncond_labels`` (text-to-image
     classifier-free-guidance form), ``task``, ``meta`` (JSON), ``source``, ``index``. Bad samples follow
-    ``data_cfg.on_bad_sample``; skipped ones are reported in ``<run_dir>/bad_samples_<split>.json``.
+    ``data_cfg.on_bad_sample``; skipped ones are reported in ``<run_dir>/bad_samples_<split>.json``. A split
+    with no usable sample raises :class:`EmptySplitError`.
+
+    The build is saved in shards of at most ``shard_size`` records (``data.pretokenize_shard_size``) or
+    ``shard_seconds`` of encoding (``data.pretokenize_shard_seconds``), whichever comes first: a killed
+    build resumes after its last finished shard.
     """
     from filelock import FileLock
 
     split = canonical_split(split)
     assets = as_assets(assets)
     data_cfg = with_checkpoint_defaults(data_cfg, assets)
+    shard_size = int(shard_size if shard_size is not None else getattr(data_cfg, "pretokenize_shard_size", 512))
+    shard_seconds = float(shard_seconds if shard_seconds is not None
+                          else getattr(data_cfg, "pretokenize_shard_seconds", 60.0))
+    if shard_size < 1 or shard_seconds < 0:
+        raise DataConfigError(f"data.pretokenize_shard_size={shard_size} must be >= 1 and "
+                              f"data.pretokenize_shard_seconds={shard_seconds} >= 0")
     root = split_cache_dir(data_cfg, assets, split)
     done = root / "DONE.json"
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -214,10 +234,10 @@ def tokenized_split(data_cfg, assets: CheckpointAssets | str | Path, split: str,
                             data_cfg.format, split, len(changed), root, ", ".join(changed[:3]))
                 shutil.rmtree(root)
         if not done.exists():
-            _build(data_cfg, assets, split, root, shard_size, device, progress)
+            _build(data_cfg, assets, split, root, ShardLimits(shard_size, shard_seconds), device, progress)
     summary = json.loads(done.read_text())
     shards = [datasets.load_from_disk(str(root / "shards" / s)) for s in summary["shards"]]
-    ds = datasets.concatenate_datasets(shards) if shards else datasets.Dataset.from_list([], features=FEATURES)
+    ds = datasets.concatenate_datasets(shards) if shards else empty_samples()
     report = summary["bad_samples"]
     if report["total_skipped"]:
         log.warning("%s %s: %d sample(s) were skipped when the cache was built (%s); report: %s",
@@ -226,42 +246,55 @@ def tokenized_split(data_cfg, assets: CheckpointAssets | str | Path, split: str,
             dst = Path(run_dir) / f"bad_samples_{split}.json"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / "bad_samples.json", dst)
+    if len(ds) == 0:
+        raise EmptySplitError.for_split(summary.get("file", data_cfg.format), split, summary.get("records_read", 0),
+                                        report["counts"], root / "bad_samples.json")
     if str(root) not in _reported:  # training's loaders and the evaluators ask for the same split
         _reported.add(str(root))
         log.info("%s %s: %d tokenized samples from %s", data_cfg.format, split, len(ds), root)
     return ds
 
 
-def _build(data_cfg, assets: CheckpointAssets, split, root: Path, shard_size: int, device, progress: bool) -> None:
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class ShardLimits:
+    """A shard is closed after ``records`` records or ``seconds`` of encoding, whichever comes first."""
 
-    policy = BadSamplePolicy(data_cfg.on_bad_sample)
-    records = read_conversations(data_cfg, split, policy)
-    encoder = build_encoder(data_cfg, assets, device)
-    (root / "shards").mkdir(parents=True, exist_ok=True)
-    # Stamped before encoding: an image changed during the build is caught at the next reuse.
-    _write_json_atomic(root / IMAGE_STAMPS, image_stamps(record_image_paths(records)))
-    n_shards = max(1, -(-len(records) // shard_size))
-    names = []
-    bar = tqdm(total=len(records), desc=f"pre-tokenizing {data_cfg.format} {split}", disable=not progress)
-    for s in range(n_shards):
-        name = f"{s:05d}"
-        names.append(name)
-        final, stats_file = root / "shards" / name, root / "shards" / f"{name}.json"
-        chunk = range(s * shard_size, min(len(records), (s + 1) * shard_size))
-        if final.exists() and stats_file.exists():  # finished by an earlier (killed) run
-            for err in json.loads(stats_file.read_text())["errors"]:
-                policy.handle(BadSampleError.from_dict(err))
-            bar.update(len(chunk))
+    records: int = 512
+    seconds: float = 60.0
+
+
+# Records encoded per call: the image tokenizer's own batch, and the granularity of the time limit.
+ENCODE_BATCH = 32
+
+
+def _finished_shards(shards_dir: Path) -> list[dict]:
+    """Stats of the shards an earlier (killed) build finished, in order; each covers records
+    ``[start, end)`` right after the previous one. Anything after the first gap is removed."""
+    found, expect = [], 0
+    while True:
+        name = f"{len(found):05d}"
+        stats_file = shards_dir / f"{name}.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        has_data = (shards_dir / name).is_dir() or stats.get("samples") == 0
+        if not has_data or stats.get("start") != expect:
+            break
+        found.append({**stats, "name": name})
+        expect = stats["end"]
+    for p in shards_dir.iterdir():  # a shard published without its stats, or one of an older layout
+        if p.name.split(".")[0] in {s["name"] for s in found}:
             continue
-        samples, errors = [], []
-        for out in encoder.encode_batch([records[i] for i in chunk]):
-            if isinstance(out, BadSampleError):
-                policy.handle(out)  # raises under on_bad_sample=raise
-                errors.append(out.to_dict())
-            else:
-                samples.append(out)
-        tmp = root / "shards" / f"{name}.tmp"
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return found
+
+
+def _save_shard(shards_dir: Path, name: str, samples: list[dict], stats: dict) -> None:
+    """Publish one shard: data to a temporary directory renamed into place, then its stats. A shard whose
+    every record was bad has stats only (datasets cannot load a saved dataset without rows)."""
+    if samples:
+        tmp = shards_dir / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         quiet = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # one bar for the whole build, not one per shard
@@ -270,20 +303,60 @@ def _build(data_cfg, assets: CheckpointAssets, split, root: Path, shard_size: in
         finally:
             if quiet:
                 datasets.enable_progress_bars()
-        # A run killed between publishing this shard and its stats left the shard without stats: it was
-        # rebuilt above, so drop the old copy (a rename cannot replace a non-empty directory).
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        stats_tmp = stats_file.with_suffix(".json.tmp")
-        stats_tmp.write_text(json.dumps({"samples": len(samples), "errors": errors}))
-        os.replace(stats_tmp, stats_file)
-        bar.update(len(chunk))
+        os.replace(tmp, shards_dir / name)
+    stats_tmp = shards_dir / f"{name}.json.tmp"
+    stats_tmp.write_text(json.dumps(stats))
+    os.replace(stats_tmp, shards_dir / f"{name}.json")
+
+
+def _build(data_cfg, assets: CheckpointAssets, split, root: Path, limits: ShardLimits, device, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    policy = BadSamplePolicy(data_cfg.on_bad_sample)
+    records = read_conversations(data_cfg, split, policy)
+    read = len(records) + policy.total
+    encoder = build_encoder(data_cfg, assets, device)
+    shards_dir = root / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    # Stamped before encoding: an image changed during the build is caught at the next reuse.
+    _write_json_atomic(root / IMAGE_STAMPS, image_stamps(record_image_paths(records)))
+    bar = tqdm(total=len(records), desc=f"pre-tokenizing {data_cfg.format} {split}", disable=not progress)
+    finished = _finished_shards(shards_dir)
+    for stats in finished:  # kept from an earlier (killed) run
+        for err in stats["errors"]:
+            policy.handle(BadSampleError.from_dict(err))
+    names = [s["name"] for s in finished]
+    with_rows = [s["name"] for s in finished if s["samples"]]
+    start = finished[-1]["end"] if finished else 0
+    bar.update(start)
+    while start < len(records):
+        samples, errors, end = [], [], start
+        began = time.monotonic()
+        while end < len(records) and end - start < limits.records and (
+                end == start or time.monotonic() - began < limits.seconds):
+            batch = range(end, min(len(records), end + ENCODE_BATCH, start + limits.records))
+            for out in encoder.encode_batch([records[i] for i in batch]):
+                if isinstance(out, BadSampleError):
+                    policy.handle(out)  # raises under on_bad_sample=raise
+                    errors.append(out.to_dict())
+                else:
+                    samples.append(out)
+            end = batch.stop
+            bar.update(len(batch))
+        name = f"{len(names):05d}"
+        _save_shard(shards_dir, name, samples, {"start": start, "end": end, "samples": len(samples), "errors": errors})
+        names.append(name)
+        if samples:
+            with_rows.append(name)
+        start = end
     bar.close()
     policy.write_report(root / "bad_samples.json")
     policy.log_summary(f"{data_cfg.format} {split}")
     quality = check_reconstruction(encoder, records, f"{data_cfg.format} {split}")
+    fmt = get_format(data_cfg.format)
+    file = fmt.context(data_cfg, split, fmt.split_inputs(data_cfg, split)).file
     tmp = root / "DONE.json.tmp"
-    tmp.write_text(json.dumps({"shards": names, "bad_samples": policy.to_dict(), "read_skipped": policy.total,
+    tmp.write_text(json.dumps({"shards": with_rows, "bad_samples": policy.to_dict(), "records_read": read, "file": file,
                                "vq_reconstruction": quality}))
     os.replace(tmp, root / "DONE.json")
 

@@ -14,12 +14,13 @@ theirs). Without a val source and with ``val_fraction > 0``, a fixed fraction of
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 
 import datasets
 
 from chameleon_ft.data.config import check_data_config
-from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy, DataConfigError
+from chameleon_ft.data.errors import BadSampleError, BadSamplePolicy, DataConfigError, EmptySplitError
 from chameleon_ft.data.formats import RowContext, get_format
 from chameleon_ft.data.sample import RECORD_FEATURES, Conversation, validate_conversation
 from chameleon_ft.data.splits import canonical_split, holdout_indices
@@ -99,7 +100,8 @@ def read_conversations(cfg, split: str = "train", policy: BadSamplePolicy | None
 
     Bad samples go through ``policy`` (default: a new one from ``cfg.on_bad_sample``); skipped ones are
     counted there and logged. Raises :class:`DataConfigError` for a configuration problem,
-    :class:`DataFormatError` for an unusable file, :class:`BadSampleError` under ``raise``.
+    :class:`DataFormatError` for an unusable file, :class:`BadSampleError` under ``raise``, and
+    :class:`EmptySplitError` when no usable sample is left (an empty file, or every record skipped).
     """
     check_data_config(cfg)
     split = canonical_split(split)
@@ -119,8 +121,13 @@ def read_conversations(cfg, split: str = "train", policy: BadSamplePolicy | None
         raw = raw.select(range(min(len(raw), int(cfg.max_samples))))
     ctx = fmt.context(cfg, split, inputs)
     ctx = replace(ctx, task=task)
+    if len(raw) == 0:
+        raise EmptySplitError.for_split(ctx.file, split, 0, {})
+    skipped_before = dict(policy.counts)
     out = convert_raw(raw, ctx, policy, num_proc=int(cfg.num_workers))
     policy.log_summary(f"{fmt.name} {split} ({ctx.file})")
+    if len(out) == 0:
+        raise EmptySplitError.for_split(ctx.file, split, len(raw), dict(policy.counts - Counter(skipped_before)))
     return out
 
 

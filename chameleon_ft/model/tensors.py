@@ -28,3 +28,21 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` gathered from every rank when it is an FSDP2 ``DTensor`` (a collective), else ``t`` itself."""
     gather = getattr(t, "full_tensor", None)
     return gather() if callable(gather) else t
+
+
+def nonfinite_summary(t: torch.Tensor) -> str | None:
+    """``"3 NaN, 1 inf of 4096 values"`` when floating ``t`` holds NaN or infinity, else None."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    return f"{nan} NaN, {inf} inf of {t.numel()} values"
+
+
+def first_nonfinite(tensors) -> tuple[str, str] | None:
+    """``(name, summary)`` of the first tensor of the mapping ``tensors`` holding NaN or infinity, or None."""
+    for name, t in tensors.items():
+        bad = nonfinite_summary(t)
+        if bad is not None:
+            return name, bad
+    return None

@@ -5,7 +5,8 @@ directory with every rank's shard) and renamed to its final name by rank 0 only 
 finished writing. A kill at any moment therefore leaves either the complete new checkpoint or none,
 and the previous ones stay usable; :func:`find_resume_checkpoint` never returns a ``.partial``.
 What a checkpoint holds (only the trained tensors when the base is frozen) is decided by
-``ChameleonLitModule.checkpoint_keys``.
+``ChameleonLitModule.checkpoint_keys``. Weights with a NaN or infinity are never saved: the save
+stops the run instead (:func:`~chameleon_ft.training.health.check_finite_weights`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from weakref import proxy
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from chameleon_ft.training.health import check_finite_weights
 
 CHECKPOINT_SUBDIR = "checkpoints"
 PARTIAL_SUFFIX = ".partial"
@@ -91,8 +94,19 @@ class AtomicCheckpoint(ModelCheckpoint):
         # Called on every rank after each complete save (e.g. exporting the adapter; may be collective).
         self.on_saved = on_saved
 
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # Lightning defers a save on an epoch's last batch to the validation it expects next, so that a
+        # validation metric is fresh; with step-based validation none may come, and the checkpoint is lost.
+        # Our ranking key, the step, is never stale: save now.
+        if getattr(self, "_defer_save_until_validation", False):
+            self._defer_save_until_validation = False
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         final = Path(filepath)
+        check_finite_weights(trainer, trainer.lightning_module, f"checkpoint {final}")
         tmp = final.with_name(final.name + PARTIAL_SUFFIX)
         strategy = trainer.strategy
         if trainer.is_global_zero:

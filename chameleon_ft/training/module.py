@@ -8,6 +8,10 @@ each gradient is the plain sum of ``d loss_sum`` over every token of the step on
 ranks) is known, and the gradients are divided by it before clipping. The result is the gradient of
 the token-mean loss of the global batch, independent of data-parallel size and accumulation (also for
 a shorter last window of an epoch).
+
+Health. The step's loss and gradient norm then go through :class:`~chameleon_ft.training.health.StepHealth`:
+a non-finite step stops the run (or, within ``trainer.skip_nonfinite_steps``, has its gradients dropped),
+and a run whose gradients stay exactly zero is warned about.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from chameleon_ft.adapter import base_model, clean_name
 from chameleon_ft.errors import ConfigError
 from chameleon_ft.model.modeling import ft_option
 from chameleon_ft.model.tensors import full_tensor
+from chameleon_ft.training.checkpointing import list_checkpoints
+from chameleon_ft.training.health import StepHealth
 from chameleon_ft.training.model_init import build_train_model, resolve_base_dtype
 from chameleon_ft.training.optim import build_optimizer
+from chameleon_ft.training.resume import RUN_RECORD_KEY, run_record
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 Evaluator = Callable[["ChameleonLitModule"], dict]
@@ -60,6 +67,9 @@ class ChameleonLitModule(L.LightningModule):
         self._step_time: float | None = None
         # Frozen base weights are not in LoRA checkpoints; checkpoint_keys() says what must be there.
         self.strict_loading = False
+        self.health = StepHealth(OmegaConf.select(self.cfg, "trainer.skip_nonfinite_steps", default=0),
+                                 OmegaConf.select(self.cfg, "trainer.zero_grad_warn_steps", default=3),
+                                 self._run_facts)
 
     # ----------------------------------------------------------------------------------------
     # Model
@@ -141,11 +151,26 @@ class ChameleonLitModule(L.LightningModule):
             "train/lr": float(optimizer.param_groups[0]["lr"]),
             "train/target_tokens": n,
         }
+        # Under fp16 the gradient scaler skips steps with non-finite gradients itself.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if self.health.check(self.global_step, metrics["train/loss"], metrics["train/grad_norm"],
+                             grad_norm_checked=scaler is None):
+            for p in params:  # AdamW leaves a parameter without a gradient (and its moments) untouched
+                p.grad = None
+        if self.health.skip_budget:
+            metrics["train/skipped_steps"] = float(self.health.skipped)
         if self._step_time is not None:
             metrics["train/tokens_per_s"] = tokens_in / max(now - self._step_time, 1e-9)
         self._step_time = now
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", metrics["train/loss"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
+
+    def _run_facts(self) -> dict:
+        """Learning rate, precision and last checkpoint, for the messages of :attr:`health`."""
+        ckpt = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        found = list_checkpoints(ckpt) if ckpt else []
+        return {"lr": self.cfg.optim.lr, "precision": self.trainer.precision,
+                "last_checkpoint": str(found[-1]) if found else None}
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over every rank (the strategy's own reduce); gloo reduces CPU tensors, nccl CUDA ones."""
@@ -162,7 +187,27 @@ class ChameleonLitModule(L.LightningModule):
             else int(getattr(self, "total_steps", 0) or 0)
         if total < 1:
             raise ConfigError("set trainer.max_steps (or trainer.max_epochs with a sized train loader)")
-        return build_optimizer(self.model, self.cfg.optim, total_steps=total)
+        built = build_optimizer(self.model, self.cfg.optim, total_steps=total)
+        # What this config sets (the scheduler keeps the base lr in initial_lr); a resume restores the
+        # checkpoint's values instead, see apply_configured_optim.
+        self._configured_groups = [{"lr": g["initial_lr"], **{k: g[k] for k in ("weight_decay", "betas", "eps")}}
+                                   for g in built["optimizer"].param_groups]
+        return built
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            self.apply_configured_optim()
+
+    def apply_configured_optim(self) -> None:
+        """After a resume: the optimizer hyperparameters and learning rate of this run's config instead of the
+        checkpoint's (a resume may change ``optim.*`` deliberately with ``resume_allow``). The schedule's
+        position is kept; with an unchanged config this reproduces the restored values exactly."""
+        (optimizer,) = self.trainer.optimizers
+        sched = self.trainer.lr_scheduler_configs[0].scheduler
+        sched.base_lrs = [c["lr"] for c in self._configured_groups]
+        for group, configured, fn in zip(optimizer.param_groups, self._configured_groups, sched.lr_lambdas):
+            group.update(configured, initial_lr=configured["lr"], lr=configured["lr"] * fn(sched.last_epoch))
+        sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
     # ----------------------------------------------------------------------------------------
     # Validation
@@ -201,6 +246,8 @@ class ChameleonLitModule(L.LightningModule):
     # Checkpoint contents
     # ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[RUN_RECORD_KEY] = run_record(self.cfg, self.trainer.world_size)
+        checkpoint["step_health"] = self.health.state_dict()
         keys = self.checkpoint_keys()
         if keys is not None and "state_dict" in checkpoint:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
@@ -220,6 +267,7 @@ class ChameleonLitModule(L.LightningModule):
             missing = sorted(keys - set(checkpoint["state_dict"]))
             if missing:
                 raise KeyError(f"checkpoint lacks trained tensors {missing[:5]} (was it made with another peft config?)")
+        self.health.load_state_dict(checkpoint.get("step_health", {}))
         states = checkpoint.get("rng_states")
         if states:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -52,8 +52,13 @@ class RunReport(L.Callback):
             self.tokens_per_s.append(float(value))
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
-        """One validation's metrics (the module calls this after every validation)."""
+        """One validation's metrics at ``step`` (a later record of the same step replaces it)."""
+        self.history = [(s, m) for s, m in self.history if s != int(step)]
         self.history.append((int(step), {k: float(v) for k, v in metrics.items()}))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and getattr(pl_module, "last_val_metrics", None):
+            self.record(trainer.global_step, pl_module.last_val_metrics)
 
     def summary(self, final: dict[str, float], outputs: dict[str, str]) -> str:
         """The end-of-run table: final value, best value and its step, per metric; then time and outputs."""
@@ -171,7 +176,10 @@ class GracefulStop(L.Callback):
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handler)
 
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Only at an optimizer step: a checkpoint between accumulated micro-batches would lose their gradients.
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return
         stop = self.requested
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -14,10 +15,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_ft.errors import ConfigError
+from chameleon_ft.errors import ConfigError, RunInterrupted
 from chameleon_ft.training.checkpointing import CHECKPOINT_SUBDIR, AtomicCheckpoint, find_resume_checkpoint
 from chameleon_ft.training.dataloading import ResumableDataLoader, build_dataloaders, trainer_progress
+from chameleon_ft.training.health import check_finite_weights
 from chameleon_ft.training.module import ChameleonLitModule
+from chameleon_ft.training.reporting import GracefulStop, RunProgressBar, RunReport, run_card
+from chameleon_ft.training.resume import check_resume, record_resume
+from chameleon_ft.training.run_lock import RunDirLock
 from chameleon_ft.training.strategy import build_strategy, resolve_accelerator
 
 log = logging.getLogger(__name__)
@@ -93,9 +98,9 @@ def _export_on_save(run_dir: Path, trainer, module) -> None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
-    """``L.Trainer`` from ``cfg.trainer`` / ``cfg.strategy`` / ``cfg.checkpoint`` / ``cfg.logger``."""
-    from lightning.pytorch.callbacks import RichProgressBar
-
+    """``L.Trainer`` from ``cfg.trainer`` / ``cfg.strategy`` / ``cfg.checkpoint`` / ``cfg.logger``, with a
+    progress bar over the run's steps (:class:`RunProgressBar`) and Ctrl-C saving a checkpoint
+    (:class:`GracefulStop`)."""
     t = cfg.trainer
     accelerator = resolve_accelerator(str(t.accelerator))
     callbacks = list(callbacks or [])
@@ -104,8 +109,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None)
         on_saved = partial(_export_on_save, run_dir)
     callbacks.append(AtomicCheckpoint(run_dir / CHECKPOINT_SUBDIR, cfg.checkpoint.every_n_steps,
                                       cfg.checkpoint.keep_last, on_saved=on_saved))
-    if t.enable_progress_bar:
-        callbacks.append(RichProgressBar())
+    callbacks.append(GracefulStop())
+    if t.enable_progress_bar:  # its total is set once the data (and so the run's length) is known
+        callbacks.append(RunProgressBar(max(int(t.max_steps or 0), 0)))
     optional = {k: t[k] for k in ("max_epochs", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches")
                 if t.get(k) is not None}
     if isinstance(t.get("val_check_interval"), int) and t.get("check_val_every_n_epoch") is None:
@@ -121,6 +127,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None)
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,  # the run card says what is trained
         num_sanity_val_steps=t.num_sanity_val_steps,
         deterministic=t.deterministic,
         logger=build_loggers(cfg.logger, run_dir),
@@ -189,12 +196,21 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     ``run_dir``: where config, logs, checkpoints, adapter and ``metrics.json`` go (default: Hydra's
     output dir). ``loader_factory`` replaces :func:`build_dataloaders` (same signature); ``evaluators``
     go to :attr:`ChameleonLitModule.evaluators`; ``callbacks`` are extra Lightning callbacks.
+
+    The run holds an exclusive lock on ``run_dir`` (:class:`RunDirLock`, rank 0). A resume is checked to
+    continue the same run (:func:`check_resume`) before anything in ``run_dir`` is written. A diverged run
+    stops with a :class:`~chameleon_ft.errors.RunError` and exports nothing.
     """
+    run_dir = resolve_run_dir(run_dir).resolve()
+    lock = RunDirLock(run_dir) if rank_zero_only.rank == 0 else nullcontext()
+    with lock:
+        return _train_locked(cfg, run_dir, loader_factory, evaluators, callbacks)
+
+
+def _train_locked(cfg: DictConfig, run_dir: Path, loader_factory, evaluators, callbacks) -> dict:
     from chameleon_ft.data.pipeline import sample_settings, with_checkpoint_defaults
     from chameleon_ft.tiny import resolve_checkpoint
 
-    run_dir = resolve_run_dir(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     # Before seeding: building the tiny checkpoint on first use must not shift the run's random numbers.
     assets = resolve_checkpoint(cfg.model.path, cfg.model.tiny_layout)
@@ -202,11 +218,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     cfg.data = with_checkpoint_defaults(cfg.data, assets)  # recorded in config.yaml as used
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resolve_resume(cfg.resume, run_dir)
-
-    if ckpt_path is not None and rank_zero_only.rank == 0:
-        keep_previous_csv(run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)  # writes nothing yet
+    resumed = None
+    if ckpt_path is not None:
+        resumed = check_resume(ckpt_path, cfg, trainer.world_size, run_dir)  # refuses before any write
+        if trainer.is_global_zero:
+            keep_previous_csv(run_dir)
+            record_resume(run_dir, resumed)
     module = ChameleonLitModule(cfg, assets.path, evaluators=evaluators)
-    trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     factory = loader_factory or build_dataloaders
@@ -220,16 +239,55 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
         module.evaluators = build_evaluators(cfg, assets, run_dir)
     if isinstance(train_loader, ResumableDataLoader):
         train_loader.bind_progress(trainer_progress(trainer))
-    if not (cfg.trainer.max_steps and cfg.trainer.max_steps > 0) and cfg.trainer.max_epochs:
+    total_steps = int(cfg.trainer.max_steps or 0)
+    if not total_steps > 0 and cfg.trainer.max_epochs:
         per_epoch = -(-len(train_loader) // int(cfg.trainer.accumulate_grad_batches))
-        module.total_steps = per_epoch * int(cfg.trainer.max_epochs)
+        total_steps = module.total_steps = per_epoch * int(cfg.trainer.max_epochs)
+    report = _attach_report(trainer, cfg, assets, run_dir, train_loader, val_loader, total_steps, resumed)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    _raise_if_stopped_early(trainer, run_dir, total_steps)
+    if trainer.global_step == 0:
+        log.warning("NO OPTIMIZER STEP RAN (trainer.max_steps=%s): the exported %s is untrained, identical to the "
+                    "base model", cfg.trainer.max_steps, "model" if cfg.peft.method == "none" else "adapter")
     trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = dict(module.last_val_metrics)
+    check_finite_weights(trainer, module, f"the trained weights to {run_dir}")
     exported = export_trained(module, run_dir, is_global_zero=trainer.is_global_zero)
     if trainer.is_global_zero:
         (run_dir / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True))
-        for kind, path in exported.items():
-            print(f"{kind} written to {path}")
-        print(f"metrics written to {run_dir / METRICS_FILE}")
+        report.record(trainer.global_step, metrics)
+        print(report.summary(metrics, {**exported, "metrics": str(run_dir / METRICS_FILE)}), flush=True)
     return metrics
+
+
+def _attach_report(trainer, cfg, assets, run_dir: Path, train_loader, val_loader, total_steps: int,
+                   resumed) -> RunReport:
+    """Give the progress bar the run's length and add the run card / summary callback to ``trainer``."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, RunProgressBar):
+            cb.total_steps = total_steps
+    if resumed is not None and trainer.is_global_zero:
+        print(f"resuming from step {resumed.step} of {total_steps} ({resumed.checkpoint})", flush=True)
+
+    def count(loader) -> int:
+        try:
+            return len(loader.dataset)
+        except (AttributeError, TypeError):  # an iterable dataset has no length
+            return 0
+
+    card = run_card(cfg, assets, run_dir, train_samples=count(train_loader), val_samples=count(val_loader),
+                    world_size=trainer.world_size, total_steps=total_steps,
+                    resumed_from=f"step {resumed.step} ({resumed.checkpoint})" if resumed is not None else None)
+    report = RunReport(card, cfg.monitor, cfg.monitor_mode)
+    trainer.callbacks.append(report)
+    return report
+
+
+def _raise_if_stopped_early(trainer, run_dir: Path, total_steps: int) -> None:
+    """After Ctrl-C / SIGTERM (:class:`GracefulStop`): say where the run stopped and how to continue it."""
+    stop = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulStop)), None)
+    if stop is None or stop.stopped_at is None or stop.stopped_at >= total_steps > 0:
+        return
+    checkpoint = find_resume_checkpoint(run_dir)
+    raise RunInterrupted(f"stopped at step {stop.stopped_at} of {total_steps}; checkpoint {checkpoint}; continue "
+                         f"with the same command plus resume=auto hydra.run.dir={run_dir}")

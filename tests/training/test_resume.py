@@ -174,3 +174,13 @@ def test_epoch_based_run_resumes_mid_epoch(ckpt, tmp_path):
     assert sorted(want) == sorted(got) == list(range(12))  # 6 batches per epoch, 2 epochs
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_checkpoint_due_on_an_epochs_last_batch_is_written_with_step_based_validation(ckpt, tmp_path):
+    # 6 batches per epoch; step 6 ends epoch 0, but validation runs at steps 4 and 8 only: Lightning would
+    # defer the step-6 save to a validation that never comes at that step.
+    over = {"trainer.max_steps": 8, "checkpoint.every_n_steps": 6, "trainer.val_check_interval": 4,
+            "checkpoint.keep_last": 0}
+    train(make_cfg(ckpt, **over), tmp_path, loader_factory=loader_factory())
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000006.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "step-00000006.ckpt", weights_only=True)["global_step"] == 6

@@ -12,7 +12,9 @@ discovered automatically) plus one YAML in ``conf/data/``.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,6 +55,15 @@ class RowContext:
     image_size: int = 512
     rules: MarkerRules = field(default_factory=MarkerRules)
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific settings
+    allow_outside_root: bool = False  # data.allow_outside_root
+
+    def resolve_image(self, value: Any, index: int) -> ImageRef:
+        """One image of record ``index`` (see :func:`resolve_image`), under this split's root and policy."""
+        return resolve_image(value, self.image_root, self.file, index, allow_outside_root=self.allow_outside_root)
+
+    def resolve_images(self, value: Any, index: int) -> list[ImageRef]:
+        """A record's image field, one path or a list (see :func:`resolve_images`)."""
+        return resolve_images(value, self.image_root, self.file, index, allow_outside_root=self.allow_outside_root)
 
 
 class Format:
@@ -106,7 +117,8 @@ class Format:
                           prompt_template=cfg.prompt_template,
                           # Unresolved (read without a checkpoint): Chameleon's own resolution.
                           image_size=int(cfg.image_size or CHAMELEON_IMAGE_SIZE),
-                          rules=replace(self.rules, marker=cfg.image_marker or self.rules.marker))
+                          rules=replace(self.rules, marker=cfg.image_marker or self.rules.marker),
+                          allow_outside_root=bool(getattr(cfg, "allow_outside_root", False)))
 
     def fields(self, row: dict, ctx: RowContext) -> dict:
         """Canonical fields of one raw row (images resolved against ``ctx.image_root``)."""
@@ -181,8 +193,10 @@ def path_stamps(path: str) -> list:
     return [str(p), None]
 
 
-def resolve_image(value: Any, root: str, file: str, index: int) -> ImageRef:
-    """A path (relative to ``root``), encoded bytes, or a datasets Image dict ``{"bytes", "path"}``, checked to exist."""
+def resolve_image(value: Any, root: str, file: str, index: int, *, allow_outside_root: bool = False) -> ImageRef:
+    """A path (relative to ``root``), encoded bytes, or a datasets Image dict ``{"bytes", "path"}``, checked to
+    be a readable file. A path outside ``root`` (absolute, or escaping it with ``..``) is refused unless
+    ``allow_outside_root``: a record must not pull in arbitrary files of the machine."""
     if isinstance(value, ImageRef):
         return value
     if isinstance(value, dict):
@@ -193,15 +207,36 @@ def resolve_image(value: Any, root: str, file: str, index: int) -> ImageRef:
         return ImageRef(data=bytes(value))
     if not isinstance(value, str) or not value.strip():
         raise BadSampleError(file, index, "bad_record", f"image must be a non-empty path, got {value!r}")
-    path = os.path.expanduser(value)
-    if not os.path.isabs(path):
-        path = os.path.join(root, path)
-    if not os.path.isfile(path):
-        raise BadSampleError(file, index, "missing_image", f"{path} does not exist (image_root={root})")
+    path = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+    if not allow_outside_root and not _inside(path, root):
+        raise BadSampleError(file, index, "outside_root", f"image {value!r} is {path}, outside the image root {root}; "
+                             "set data.image_root to a folder that holds it, or data.allow_outside_root=true")
+    _check_image_file(path, root, file, index)
     return ImageRef(path=path)
 
 
-def resolve_images(value: Any, root: str, file: str, index: int) -> list[ImageRef]:
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` lies under ``root``, by the names alone (a symlink inside the root is the user's choice)."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
+
+
+def _check_image_file(path: str, root: str, file: str, index: int) -> None:
+    """A regular file; a missing file, a dangling link and a symlink loop are told apart."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        detail = (f"{path} is a symlink to {os.readlink(path)}, which does not exist" if os.path.islink(path)
+                  else f"{path} does not exist (image_root={root})")
+        raise BadSampleError(file, index, "missing_image", detail) from None
+    except OSError as e:
+        what = "is a symlink loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
+        raise BadSampleError(file, index, "bad_image", f"{path} {what}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadSampleError(file, index, "bad_image", f"{path} is not a file")
+
+
+def resolve_images(value: Any, root: str, file: str, index: int, *, allow_outside_root: bool = False) -> list[ImageRef]:
     """A record's image field (one path or a list) as resolved images."""
     if value is None:
         return []
@@ -210,14 +245,14 @@ def resolve_images(value: Any, root: str, file: str, index: int) -> list[ImageRe
     if not isinstance(value, (list, tuple)):
         raise BadSampleError(file, index, "bad_record",
                              f"image must be a path or a list of paths, got {type(value).__name__}")
-    return [resolve_image(v, root, file, index) for v in value if v is not None]
+    return [resolve_image(v, root, file, index, allow_outside_root=allow_outside_root) for v in value if v is not None]
 
 
 def flat_fields(rec: dict, ctx: RowContext, index: int) -> dict:
     """Canonical fields of a flat record (jsonl, hf_dataset) after the column mapping, images resolved."""
     fields = mapped(rec, ctx.columns)
     images = fields["images"] if fields["images"] is not None else fields["image"]
-    refs = resolve_images(images, ctx.image_root, ctx.file, index)
+    refs = ctx.resolve_images(images, index)
     fields["image"] = refs[0] if refs else None
     fields["images"] = refs
     # Keys the record really has, for errors that name what is there.
@@ -226,7 +261,8 @@ def flat_fields(rec: dict, ctx: RowContext, index: int) -> dict:
 
 
 def dataset_from_generator(gen, gen_kwargs: dict, features: datasets.Features, cache_dir: str | None) -> datasets.Dataset:
-    """``Dataset.from_generator``, re-raising our own errors instead of datasets' generic wrapper."""
+    """``Dataset.from_generator``, re-raising our own errors instead of datasets' generic wrapper; a generator
+    that yields nothing (an empty file) gives an empty dataset (datasets itself refuses to build one)."""
     try:
         return datasets.Dataset.from_generator(gen, gen_kwargs=gen_kwargs, features=features, cache_dir=cache_dir)
     except datasets.exceptions.DatasetGenerationError as e:
@@ -236,6 +272,10 @@ def dataset_from_generator(gen, gen_kwargs: dict, features: datasets.Features, c
         if cause is not None:
             raise cause from None
         raise
+    except ValueError:
+        if next(iter(gen(**gen_kwargs)), None) is not None:
+            raise
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
 
 
 JSON_ROW_FEATURES = datasets.Features({"_row": datasets.Value("int64"), "raw": datasets.Value("string"),

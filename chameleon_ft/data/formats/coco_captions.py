@@ -15,7 +15,6 @@ from chameleon_ft.data.formats import (
     SplitInputs,
     dataset_from_generator,
     register_format,
-    resolve_image,
 )
 from chameleon_ft.data.jsonfile import file_stamp, load_json
 
@@ -56,6 +55,6 @@ class CocoCaptionsFormat(Format):
             raise BadSampleError(ctx.file, index, "missing_field", "image entry has no file_name")
         if not row["captions"]:
             raise BadSampleError(ctx.file, index, "missing_field", f"image id {row['image_id']} has no caption")
-        return {"image": resolve_image(row["file_name"], ctx.image_root, ctx.file, index),
+        return {"image": ctx.resolve_image(row["file_name"], index),
                 "caption": row["captions"][0], "references": list(row["captions"]),
                 "_meta": {"image_id": row["image_id"]}}

@@ -24,7 +24,6 @@ from chameleon_ft.data.formats import (
     dataset_from_generator,
     image_root,
     register_format,
-    resolve_image,
 )
 from chameleon_ft.data.jsonfile import file_stamp, json_record_rows
 
@@ -76,5 +75,5 @@ class DocciFormat(Format):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
                 raise BadSampleError(ctx.file, index, "missing_field",
                                      f"field {key!r} is missing or empty; the record has {sorted(rec)}")
-        return {"image": resolve_image(rec["image_file"], ctx.image_root, ctx.file, index),
+        return {"image": ctx.resolve_image(rec["image_file"], index),
                 "caption": rec["description"], "id": rec.get("example_id")}

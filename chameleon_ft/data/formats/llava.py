@@ -16,7 +16,6 @@ from chameleon_ft.data.formats import (
     SplitInputs,
     dataset_from_generator,
     register_format,
-    resolve_images,
 )
 from chameleon_ft.data.jsonfile import file_stamp, json_record_rows, record_from_row
 
@@ -42,8 +41,7 @@ class ConversationFormat(Format):
                          if k in rec), "")
             raise BadSampleError(ctx.file, index, "missing_field",
                                  f"the record has keys {sorted(rec)}; expected {key!r}{hint}")
-        fields = {"conversations": rec[key], "images": resolve_images(images, ctx.image_root, ctx.file, index),
-                  "_keys": sorted(rec)}
+        fields = {"conversations": rec[key], "images": ctx.resolve_images(images, index), "_keys": sorted(rec)}
         if isinstance(rec.get("id"), (str, int)):
             fields["id"] = rec["id"]
         return fields

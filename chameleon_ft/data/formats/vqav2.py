@@ -19,7 +19,6 @@ from chameleon_ft.data.formats import (
     _expand,
     dataset_from_generator,
     register_format,
-    resolve_image,
 )
 from chameleon_ft.data.jsonfile import file_stamp, load_json
 
@@ -94,7 +93,7 @@ class VQAv2Format(Format):
             name = template.format(split=row["split"], image_id=row["image_id"])
         except (KeyError, IndexError, ValueError) as e:
             raise DataConfigError(f"data.image_template={template!r} is invalid: {e}") from None
-        return {"image": resolve_image(name, ctx.image_root, file, index), "question": row["question"],
+        return {"image": ctx.resolve_image(name, index), "question": row["question"],
                 "answers": list(row["answers"]), "multiple_choice_answer": row["multiple_choice_answer"],
                 "_meta": {"question_id": row["question_id"], "image_id": row["image_id"],
                           "multiple_choice_answer": row["multiple_choice_answer"], "answer_type": row["answer_type"],
