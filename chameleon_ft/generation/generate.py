@@ -1,4 +1,4 @@
-"""Generation with a fine-tuned Chameleon: text answers / captions and text-to-image.
+"""Generation with a fine-tuned Chameleon: text answers / captions, text-to-image, interleaved answers.
 
 - :class:`Generator` loads a base checkpoint plus an adapter (merged in memory), or a merged checkpoint,
   with the sample settings it was trained with (``chameleon_ft.json``), and builds prompts exactly as the
@@ -6,7 +6,12 @@
   the same code (:mod:`chameleon_ft.tasks`, :class:`~chameleon_ft.data.tokenize.ConversationEncoder`).
 - :func:`generate_text` answers a batch of prompts (left padding, KV cache; greedy or seeded sampling).
 - :func:`generate_images` draws images with classifier-free guidance batched as ``[cond; uncond]``, the
-  grid constraint, image top-k and temperature (:mod:`chameleon_ft.generation.logits`).
+  grid constraint, image top-k and temperature (:mod:`chameleon_ft.generation.logits`): with transformers'
+  ``generate`` (``sampler="hf"``), or on a static KV cache (:mod:`chameleon_ft.generation.kv_cache`) one
+  token per forward (``"plain"``) or by speculative Jacobi decoding (``"sjd"``,
+  :mod:`chameleon_ft.generation.image_sampler`), optionally with a compiled decode step.
+- :func:`generate_interleaved` answers with text, then an image, then text
+  (:mod:`chameleon_ft.generation.interleaved`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from chameleon_ft.generation.image_sampler import (
     sample_image,
     sampler_window,
 )
+from chameleon_ft.generation.interleaved import InterleavedAnswer, InterleavedSampler, TextSampling
 from chameleon_ft.generation.kv_cache import CachedDecoder
 from chameleon_ft.generation.logits import LockstepSamplingLogitsProcessor, image_generation_processors
 from chameleon_ft.model.assets import CheckpointAssets
@@ -281,3 +287,29 @@ def _hf_image_tokens(model, tokens, input_ids, mask, h, w, width, height, layout
         new = _generate(model, input_ids, mask, max_new_tokens=n_new, do_sample=False,
                         logits_processor=chain, pad_token_id=tokens.pad, eos_token_id=tokens.eot)
     return new, n_new  # generate runs one forward per new token
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved text and images
+# ---------------------------------------------------------------------------------------------
+def generate_interleaved(model, tokens: ChameleonTokens, prompt: Sequence[int], *, width: int, height: int,
+                         layout: str = "lumina", cfg_scale: float | None = 3.0, image_top_k: int = 2000,
+                         image_temperature: float = 1.0, max_new_tokens: int = 64, do_sample: bool = False,
+                         temperature: float = 1.0, top_k: int = 10, max_images: int = 1, sampler: str = "plain",
+                         sjd_window: int = DEFAULT_WINDOW, compile: bool = False, seed: int = 0) -> InterleavedAnswer:
+    """One interleaved answer to ``prompt`` (e.g. from :meth:`Generator.prompt_ids`): text until the model
+    opens an image, a ``width`` x ``height`` image in ``layout`` with guidance ``cfg_scale`` (``plain`` or
+    ``sjd`` sampler), text again until end-of-turn; see :mod:`chameleon_ft.generation.interleaved`.
+    ``max_new_tokens`` bounds the text tokens, ``max_images`` the images. Seeded by ``seed``."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler={sampler!r}: interleaved answers use one of {SAMPLERS}")
+    h, w = image_grid(width, height)
+    guided = cfg_scale is not None and float(cfg_scale) != 1.0
+    image = ImageSampling(guidance_scale=float(cfg_scale) if guided else None, top_k=image_top_k,
+                          temperature=image_temperature, window=sampler_window(sampler, sjd_window))
+    text = TextSampling(max_new_tokens=max_new_tokens, sample=do_sample, temperature=temperature, top_k=top_k)
+    interleaved = InterleavedSampler(tokens, ImageGrid(tokens, h, w, layout, pixel_size=(height, width)), image, text,
+                                     max_images=max_images)
+    decoder = CachedDecoder(model, 2 if guided else 1, interleaved.capacity(len(prompt)), compile=compile)
+    gen = torch.Generator(device=decoder.device).manual_seed(seed)
+    return interleaved.run(decoder, list(prompt), gen)

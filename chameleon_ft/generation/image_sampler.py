@@ -109,7 +109,7 @@ def sample_image(decoder: CachedDecoder, start: int, grid: ImageGrid, opts: Imag
     the last token, end-image, which is left pending for whatever follows.
     """
     if (pending is None) == (last_hidden is None):
-        raise ValueError("sample_image needs exactly one of pending and last_hidden")
+        raise ConfigError("sample_image needs exactly one of pending and last_hidden")
     device = decoder.device
     guided = opts.guidance_scale is not None
     B = decoder.rows // 2 if guided else decoder.rows

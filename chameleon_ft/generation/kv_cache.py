@@ -99,6 +99,7 @@ class CachedDecoder:
         self.cache = StaticKVCache(config.num_hidden_layers, self.rows, self.capacity, self.device)
         self.lengths = torch.zeros(self.rows, dtype=torch.long, device=self.device)
         self.pads = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+        self.prefilled = 0  # slots the prefill committed
         self.valid = torch.zeros(self.rows, self.capacity, dtype=torch.bool, device=self.device)
         self.slot_range = torch.arange(self.capacity, device=self.device)
         self.top = 0  # max(lengths), kept on the host (an int count needs no device sync)
@@ -137,6 +138,7 @@ class CachedDecoder:
         if T > self.capacity:
             raise ConfigError(f"prompt of {T} tokens does not fit the cache of {self.capacity}")
         self.pads = (~attention_mask).sum(dim=1)
+        self.prefilled = T
         if not T:
             return None
         hidden = self.forward(input_ids, real=attention_mask, compiled=False)
@@ -173,6 +175,10 @@ class CachedDecoder:
         else:
             self.lengths = self.lengths + n.to(self.device)
             self.top = int(self.lengths.max())
+
+    def restart(self, rows: torch.Tensor) -> None:
+        """Drop everything the ``rows`` (a boolean ``[rows]`` mask) committed after the prefill."""
+        self.lengths = torch.where(rows.to(self.device), torch.full_like(self.lengths, self.prefilled), self.lengths)
 
     # -- heads --------------------------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
