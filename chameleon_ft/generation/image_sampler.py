@@ -129,7 +129,7 @@ def sample_image(decoder: CachedDecoder, start: int, grid: ImageGrid, opts: Imag
         # The first token comes from the hidden state already computed (committed, so nothing is pending).
         first = int(forced_table[start])
         if first < 0:
-            p0 = _code_probs(last_hidden[:, None] @ head.T, opts)[:, 0]
+            p0 = _code_probs(torch.nn.functional.linear(last_hidden[:, None], head), opts)[:, 0]
             first_ids = code_ids[torch.multinomial(p0, 1, generator=generator).squeeze(1)]
         else:
             first_ids = torch.full((B,), first, dtype=torch.long, device=device)
@@ -148,7 +148,10 @@ def sample_image(decoder: CachedDecoder, start: int, grid: ImageGrid, opts: Imag
         draft_ids = torch.where(forced[:, : L - 1] >= 0, forced[:, : L - 1], code_ids[draft_idx])
         window = torch.cat([pending[:, None], draft_ids], dim=1)
         hidden = decoder.forward(torch.cat([window, window]) if guided else window)
-        p = _code_probs(hidden @ head.T, opts)  # [B, L, C]
+        if bool((forced < 0).any()):
+            p = _code_probs(torch.nn.functional.linear(hidden, head), opts)  # [B, L, C]
+        else:  # every target is forced by the layout (a row end, end-image): no logits needed
+            p = torch.full((B, L, C), 1.0 / C, device=device)
 
         # Verify the drafts in order: the accepted ones are the leading run of passes.
         if L > 1:

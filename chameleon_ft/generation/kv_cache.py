@@ -43,6 +43,7 @@ class StaticKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.write_slots: torch.Tensor | None = None
+        self.kv_len = capacity  # slots returned to attention: the filled prefix is enough when shapes may vary
 
     def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:
         shape = (self.rows, like.shape[1], self.capacity, like.shape[3])
@@ -55,13 +56,16 @@ class StaticKVCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``[rows, kv_heads, q, head_dim]`` keys/values at :attr:`write_slots`; return the whole buffers."""
+        """Write ``[rows, kv_heads, q, head_dim]`` keys/values at :attr:`write_slots`; return the buffers' first
+        :attr:`kv_len` slots."""
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         index = self.write_slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
         keys.scatter_(2, index, key_states.to(keys.dtype))
         values.scatter_(2, index, value_states.to(values.dtype))
+        if self.kv_len < self.capacity:
+            return keys[:, :, : self.kv_len], values[:, :, : self.kv_len]
         return keys, values
 
 
@@ -105,17 +109,19 @@ class CachedDecoder:
         self.top = 0  # max(lengths), kept on the host (an int count needs no device sync)
         self.forward_passes = 0
         self._run = self._run_model
+        self.compiled = bool(compile)
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._run = torch.compile(self._run_model, mode=mode, dynamic=False)
 
     # -- the model call (compiled when asked) -----------------------------------------------------------
-    def _run_model(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                   valid: torch.Tensor) -> torch.Tensor:
+    def _run_model(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                   kv_len: int) -> torch.Tensor:
         # Key slot s is visible to the query at slot t when s <= t and s holds a real token (or is t itself,
         # so a padding query attends to something and stays finite).
-        keys = self.slot_range[None, None, :]
-        visible = (keys <= slots[:, :, None]) & (valid[:, None, :] | (keys == slots[:, :, None]))
+        self.cache.kv_len = kv_len
+        keys = self.slot_range[None, None, :kv_len]
+        visible = (keys <= slots[:, :, None]) & (valid[:, None, :kv_len] | (keys == slots[:, :, None]))
         mask = visible[:, None]
         if self.mask_kind == "additive":
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
@@ -163,9 +169,12 @@ class CachedDecoder:
         self.valid.scatter_(1, slots, real.to(self.device))
         self.cache.write_slots = slots
         self.forward_passes += 1
+        compiled = compiled and self.compiled
+        # Eager: attend over the filled slots only; compiled: over the whole cache, so shapes never change.
+        kv_len = self.capacity if compiled else self.top + q
         run = self._run if compiled else self._run_model
         with torch.no_grad():
-            return run(ids, slots, slots - self.pads[:, None], self.valid)
+            return run(ids, slots, slots - self.pads[:, None], self.valid, kv_len)
 
     def commit(self, n: torch.Tensor | int) -> None:
         """Keep the first ``n`` (per row, or one count for all) tokens of the last :meth:`forward`."""
