@@ -27,6 +27,9 @@ from chameleon_ft.model.modeling import output_weight
 # Attention implementations whose mask semantics the decoder knows: sdpa takes a boolean mask
 # (True = attend); eager adds the mask to the scores, so it gets 0 / dtype-min.
 MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+# A compiled decode step has one graph per shape: capacities are rounded up to a multiple of this, so
+# batches whose prompts differ a little in length reuse one graph.
+COMPILED_CAPACITY_STEP = 256
 
 
 class StaticKVCache:
@@ -85,7 +88,9 @@ class CachedDecoder:
     tokens of its row and the tokens before it in the same forward.
 
     ``compile=True`` compiles :meth:`forward`'s model call with ``torch.compile`` (one graph per window
-    size; ``mode="reduce-overhead"`` on CUDA, i.e. CUDA graphs, the default mode elsewhere).
+    size and capacity, which is rounded up to a multiple of :data:`COMPILED_CAPACITY_STEP`;
+    ``mode="reduce-overhead"`` on CUDA, i.e. CUDA graphs, the default mode elsewhere). Compiled steps
+    attend over the whole cache (masked), eager ones over the filled slots only.
     """
 
     def __init__(self, model, rows: int, capacity: int, *, compile: bool = False):
@@ -99,6 +104,8 @@ class CachedDecoder:
         self.mask_kind = MASK_KINDS[impl]
         param = next(self.lm.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if compile:
+            capacity = -(-int(capacity) // COMPILED_CAPACITY_STEP) * COMPILED_CAPACITY_STEP
         self.rows, self.capacity = int(rows), int(capacity)
         self.cache = StaticKVCache(config.num_hidden_layers, self.rows, self.capacity, self.device)
         self.lengths = torch.zeros(self.rows, dtype=torch.long, device=self.device)
@@ -119,7 +126,6 @@ class CachedDecoder:
                    kv_len: int) -> torch.Tensor:
         # Key slot s is visible to the query at slot t when s <= t and s holds a real token (or is t itself,
         # so a padding query attends to something and stays finite).
-        self.cache.kv_len = kv_len
         keys = self.slot_range[None, None, :kv_len]
         visible = (keys <= slots[:, :, None]) & (valid[:, None, :kv_len] | (keys == slots[:, :, None]))
         mask = visible[:, None]
@@ -173,6 +179,7 @@ class CachedDecoder:
         # Eager: attend over the filled slots only; compiled: over the whole cache, so shapes never change.
         kv_len = self.capacity if compiled else self.top + q
         run = self._run if compiled else self._run_model
+        self.cache.kv_len = kv_len
         with torch.no_grad():
             return run(ids, slots, slots - self.pads[:, None], self.valid, kv_len)
 
