@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -276,6 +277,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     from peft import PeftModel
 
     read_adapter(path)  # clear errors for a broken directory before PEFT's own
-    merged = PeftModel.from_pretrained(base_model(model), str(path)).merge_and_unload()
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`: nothing a user can act on.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        merged = PeftModel.from_pretrained(base_model(model), str(path)).merge_and_unload()
     merged.adapter_dir = str(path)
     return merged

@@ -2,7 +2,12 @@
 
 Text mode writes ``outputs.jsonl`` with ``{"index", "prompt", "image", "output", "num_tokens", "seed"}``;
 image mode writes ``NNNNN.png`` (index of the request) and ``outputs.jsonl`` with
-``{"index", "prompt", "file", "width", "height", "num_tokens", "seed", "cfg_scale"}``.
+``{"index", "prompt", "file", "width", "height", "num_tokens", "seed", "cfg_scale", "sampler",
+"forward_passes"}`` (the forwards of the request's batch); interleaved mode writes ``NNNNN_K.png`` (image K
+of answer NNNNN), ``outputs.jsonl`` with ``{"index", "prompt", "segments", "finished", "num_tokens", "seed",
+"forward_passes"}`` -- segments in order, ``{"type": "text", "text"}`` or ``{"type": "image", "file",
+"width", "height"}``; ``finished`` false when the text budget ran out before end-of-turn -- and
+``outputs.md``, the answers as Markdown with their images inline.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from chameleon_ft.data.jsonfile import json_record_rows, record_from_row
 from chameleon_ft.data.sample import ImageRef
 from chameleon_ft.errors import ConfigError
 from chameleon_ft.generation.generate import (
+    IMAGE_SAMPLERS,
+    SAMPLERS,
     GenerationError,
     Generator,
     generate_images,
+    generate_interleaved,
     generate_text,
     image_grid,
     settings_with,
@@ -26,7 +34,8 @@ from chameleon_ft.generation.generate import (
 )
 
 OUTPUTS_FILE = "outputs.jsonl"
-MODES = ("text", "image")
+MARKDOWN_FILE = "outputs.md"
+MODES = ("text", "image", "interleaved")
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ("prompt",)) -> list[dict]:
@@ -94,21 +103,27 @@ def run_text(cfg, gen: Generator) -> list[dict]:
     return lines
 
 
-def run_image(cfg, gen: Generator, out_dir: Path) -> list[dict]:
-    """One PNG per request of ``cfg.input``, batched by image size."""
-    records = read_jsonl(cfg.input)
+def _request_sizes(cfg, records: list[dict]) -> list[tuple[int, int]]:
+    """``(width, height)`` of each request (its own or the config's), checked to be a valid image size."""
     sizes = []
     for i, r in enumerate(records):
         width, height = r.get("width", cfg.width), r.get("height", cfg.height)
         if not (isinstance(width, int) and isinstance(height, int)):
-            raise GenerationError(f"{cfg.input}: record {i + 1}: width/height must be integers, got {width!r}x{height!r}")
+            raise GenerationError(f"{cfg.input}: record {i + 1}: width/height must be integers, "
+                                  f"got {width!r}x{height!r}")
         try:
             image_grid(width, height)
         except ConfigError as e:
             raise GenerationError(f"{cfg.input}: record {i + 1}: {e}") from e
         sizes.append((width, height))
+    return sizes
+
+
+def run_image(cfg, gen: Generator, out_dir: Path) -> list[dict]:
+    """One PNG per request of ``cfg.input``, batched by image size."""
+    records = read_jsonl(cfg.input)
     by_size: dict[tuple[int, int], list[int]] = {}
-    for i, size in enumerate(sizes):
+    for i, size in enumerate(_request_sizes(cfg, records)):
         by_size.setdefault(size, []).append(i)
     lines, b = [], 0
     for (width, height), idx in sorted(by_size.items()):
@@ -118,15 +133,62 @@ def run_image(cfg, gen: Generator, out_dir: Path) -> list[dict]:
                                       for i in batch], source=str(cfg.input))
             outs = generate_images(gen.model, gen.tokens, prompts, width=width, height=height,
                                    layout=gen.settings.image_layout, cfg_scale=cfg.cfg_scale,
-                                   image_top_k=cfg.image_top_k, temperature=cfg.image_temperature, seed=seed)
+                                   image_top_k=cfg.image_top_k, temperature=cfg.image_temperature, seed=seed,
+                                   sampler=cfg.sampler, sjd_window=cfg.sjd_window, compile=cfg.compile)
             for i, o in zip(batch, outs):
                 fname = f"{i:05d}.png"
                 gen.decode_image(o["codes"]).save(out_dir / fname)
                 lines.append({"index": i, "prompt": records[i]["prompt"], "file": fname, "width": width,
                               "height": height, "num_tokens": len(o["token_ids"]), "seed": seed,
-                              "cfg_scale": cfg.cfg_scale})
+                              "cfg_scale": cfg.cfg_scale, "sampler": cfg.sampler,
+                              "forward_passes": o["forward_passes"]})
             b += 1
     return lines
+
+
+def run_interleaved(cfg, gen: Generator, out_dir: Path) -> list[dict]:
+    """One interleaved answer per request of ``cfg.input`` (text, images as PNG files, text), one at a time;
+    also writes :data:`MARKDOWN_FILE`."""
+    records = read_jsonl(cfg.input)
+    lines = []
+    for i, ((width, height), rec) in enumerate(zip(_request_sizes(cfg, records), records)):
+        seed = cfg.seed + i
+        prompt = gen.prompt_ids([{"prompt": rec["prompt"]}], source=str(cfg.input))[0]
+        answer = generate_interleaved(
+            gen.model, gen.tokens, prompt, width=width, height=height, layout=gen.settings.image_layout,
+            cfg_scale=cfg.cfg_scale, image_top_k=cfg.image_top_k, image_temperature=cfg.image_temperature,
+            max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+            top_k=cfg.top_k, max_images=cfg.max_images, sampler=cfg.sampler, sjd_window=cfg.sjd_window,
+            compile=cfg.compile, seed=seed)
+        segments, n_images = [], 0
+        for seg in answer.segments:
+            if seg["type"] == "text":
+                text = gen.assets.tokenizer.decode(seg["token_ids"], skip_special_tokens=True)
+                segments.append({"type": "text", "text": text.strip()})
+            else:
+                fname = f"{i:05d}_{n_images}.png"
+                gen.decode_image(seg["codes"]).save(out_dir / fname)
+                segments.append({"type": "image", "file": fname, "width": width, "height": height})
+                n_images += 1
+        lines.append({"index": i, "prompt": rec["prompt"], "segments": segments, "finished": answer.finished,
+                      "num_tokens": len(answer.token_ids), "seed": seed, "forward_passes": answer.forward_passes})
+    (out_dir / MARKDOWN_FILE).write_text(interleaved_markdown(lines, cfg.max_new_tokens))
+    return lines
+
+
+def interleaved_markdown(lines: list[dict], max_new_tokens: int) -> str:
+    """The answers as Markdown: each prompt as a heading, then its text and images in order."""
+    out = ["# Interleaved answers", ""]
+    for line in lines:
+        out += [f"## {line['index'] + 1}. {line['prompt']}", ""]
+        for seg in line["segments"]:
+            if seg["type"] == "text":
+                out += [seg["text"] or "*(empty text)*", ""]
+            else:
+                out += [f"![{seg['width']}x{seg['height']} image]({seg['file']})", ""]
+        if not line["finished"]:
+            out += [f"*(unfinished: max_new_tokens={max_new_tokens} text tokens reached before end-of-turn)*", ""]
+    return "\n".join(out)
 
 
 def run(cfg) -> Path:
@@ -135,10 +197,17 @@ def run(cfg) -> Path:
         raise ConfigError(f"mode={cfg.mode!r}: choose one of {MODES}")
     if cfg.input is None:
         raise ConfigError("input=PATH (a JSONL file of prompts) is required")
+    samplers = IMAGE_SAMPLERS if cfg.mode == "image" else SAMPLERS
+    if cfg.mode != "text" and cfg.sampler not in samplers:
+        raise ConfigError(f"sampler={cfg.sampler!r}: mode={cfg.mode} takes one of {samplers}")
+    if cfg.compile and cfg.sampler == "hf":
+        raise ConfigError("compile=true compiles the static-cache decode step: use sampler=plain or sampler=sjd")
     gen = load_generator(cfg)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = run_text(cfg, gen) if cfg.mode == "text" else run_image(cfg, gen, out_dir)
+    runners = {"text": lambda: run_text(cfg, gen), "image": lambda: run_image(cfg, gen, out_dir),
+               "interleaved": lambda: run_interleaved(cfg, gen, out_dir)}
+    lines = runners[cfg.mode]()
     lines.sort(key=lambda r: r["index"])
     path = out_dir / OUTPUTS_FILE
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))

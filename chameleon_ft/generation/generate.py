@@ -1,4 +1,4 @@
-"""Generation with a fine-tuned Chameleon: text answers / captions and text-to-image.
+"""Generation with a fine-tuned Chameleon: text answers / captions, text-to-image, interleaved answers.
 
 - :class:`Generator` loads a base checkpoint plus an adapter (merged in memory), or a merged checkpoint,
   with the sample settings it was trained with (``chameleon_ft.json``), and builds prompts exactly as the
@@ -6,7 +6,12 @@
   the same code (:mod:`chameleon_ft.tasks`, :class:`~chameleon_ft.data.tokenize.ConversationEncoder`).
 - :func:`generate_text` answers a batch of prompts (left padding, KV cache; greedy or seeded sampling).
 - :func:`generate_images` draws images with classifier-free guidance batched as ``[cond; uncond]``, the
-  grid constraint, image top-k and temperature (:mod:`chameleon_ft.generation.logits`).
+  grid constraint, image top-k and temperature (:mod:`chameleon_ft.generation.logits`): with transformers'
+  ``generate`` (``sampler="hf"``), or on a static KV cache (:mod:`chameleon_ft.generation.kv_cache`) one
+  token per forward (``"plain"``) or by speculative Jacobi decoding (``"sjd"``,
+  :mod:`chameleon_ft.generation.image_sampler`), optionally with a compiled decode step.
+- :func:`generate_interleaved` answers with text, then an image, then text
+  (:mod:`chameleon_ft.generation.interleaved`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,16 @@ from chameleon_ft.data.conversation import MarkerRules
 from chameleon_ft.data.image_layout import LAYOUTS, ids_to_image, image_span_length
 from chameleon_ft.data.sample import Conversation
 from chameleon_ft.errors import ConfigError, DataError
+from chameleon_ft.generation.image_sampler import (
+    DEFAULT_WINDOW,
+    SAMPLERS,
+    ImageGrid,
+    ImageSampling,
+    sample_image,
+    sampler_window,
+)
+from chameleon_ft.generation.interleaved import InterleavedAnswer, InterleavedSampler, TextSampling
+from chameleon_ft.generation.kv_cache import CachedDecoder
 from chameleon_ft.generation.logits import LockstepSamplingLogitsProcessor, image_generation_processors
 from chameleon_ft.model.assets import CheckpointAssets
 from chameleon_ft.model.modeling import image_logits_unmasked
@@ -203,17 +218,33 @@ def cfg_batch(conds: Sequence[Sequence[int]], unconds: Sequence[Sequence[int]] |
     return left_pad(rows, pad_id)
 
 
+IMAGE_SAMPLERS = ("hf",) + SAMPLERS
+
+
 def generate_images(model, tokens: ChameleonTokens, prompts: Sequence[Sequence[int]], *, width: int, height: int,
                     layout: str = "lumina", cfg_scale: float | None = 3.0, image_top_k: int = 2000,
-                    temperature: float = 1.0, seed: int = 0, sample: bool = True) -> list[dict]:
+                    temperature: float = 1.0, seed: int = 0, sample: bool = True, sampler: str = "hf",
+                    sjd_window: int = DEFAULT_WINDOW, compile: bool = False) -> list[dict]:
     """Draw one ``width`` x ``height`` image per prompt (the ids of the turns before the image, e.g. from
     :meth:`Generator.prompt_ids`), all in one batch; returns per prompt ``{"codes": [h, w] LongTensor,
-    "token_ids": generated ids (image span from after the prefix)}``.
+    "token_ids": generated ids (image span from after the prefix), "forward_passes": model forwards the
+    batch took}``.
 
     With ``cfg_scale`` (not None and != 1) the batch doubles to ``[cond; uncond]`` -- the unconditional
     context is the open image alone, as Lumina-mGPT -- and the two halves are mixed at every step, then one
     token per pair is drawn (seeded by ``seed``) for both halves.
+
+    ``sampler``: ``hf`` -- transformers' ``generate`` with the logits processors of
+    :mod:`chameleon_ft.generation.logits` (the reference; the default, so a seed keeps giving the images it
+    gave); ``plain`` -- the same distribution on a static KV cache, one forward per token, logits of the
+    image codes only; ``sjd`` -- speculative Jacobi decoding on the static cache, ``sjd_window`` tokens per
+    forward, same distribution again (see :mod:`chameleon_ft.generation.image_sampler`). ``compile``
+    compiles the static-cache decode step with ``torch.compile``. A seed fixes the images of each sampler;
+    the samplers draw their random numbers differently, so only greedy decoding (``sample=False``) gives
+    the same tokens across samplers.
     """
+    if sampler not in IMAGE_SAMPLERS:
+        raise ConfigError(f"sampler={sampler!r}: choose one of {IMAGE_SAMPLERS}")
     if not prompts:
         return []
     h, w = image_grid(width, height)
@@ -221,21 +252,67 @@ def generate_images(model, tokens: ChameleonTokens, prompts: Sequence[Sequence[i
     guided = cfg_scale is not None and float(cfg_scale) != 1.0
     conds = [list(p) + prefix for p in prompts]
     input_ids, mask = cfg_batch(conds, [list(prefix)] * len(conds) if guided else None, tokens.pad)
+    if sampler == "hf":
+        new, passes = _hf_image_tokens(model, tokens, input_ids, mask, h, w, width, height, layout,
+                                       float(cfg_scale) if guided else None, image_top_k, temperature, seed, sample)
+    else:
+        opts = ImageSampling(guidance_scale=float(cfg_scale) if guided else None, top_k=image_top_k,
+                             temperature=temperature, sample=sample, window=sampler_window(sampler, sjd_window))
+        grid = ImageGrid(tokens, h, w, layout, pixel_size=(height, width))
+        start = len(prefix) - 1  # the prompt's last token sits at offset start - 1 of the image
+        decoder = CachedDecoder(model, input_ids.shape[0], input_ids.shape[1] + grid.length - start + opts.window,
+                                compile=compile)
+        last_hidden = decoder.prefill(input_ids, mask)
+        gen = torch.Generator(device=decoder.device).manual_seed(seed)
+        new = sample_image(decoder, start, grid, opts, gen, last_hidden=last_hidden)
+        passes = decoder.forward_passes
+    results = []
+    for i in range(len(prompts)):
+        row = new[i].tolist()
+        codes, _ = ids_to_image(list(prefix) + row, tokens, layout, grid=(h, w))
+        results.append({"codes": codes, "token_ids": row, "forward_passes": passes})
+    return results
+
+
+def _hf_image_tokens(model, tokens, input_ids, mask, h, w, width, height, layout, guidance_scale, image_top_k,
+                     temperature, seed, sample) -> tuple[torch.Tensor, int]:
+    """The image tokens by transformers' ``generate`` and the processor chain; and its forward count."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     chain = image_generation_processors(
-        tokens, input_ids.shape[1], h, w, layout=layout, guidance_scale=float(cfg_scale) if guided else None,
+        tokens, input_ids.shape[1], h, w, layout=layout, guidance_scale=guidance_scale,
         image_top_k=image_top_k, temperature=temperature, sample=sample, generator=gen,
         pixel_size=(height, width))
-    n_new = image_span_length(h, w, layout) - len(prefix)
+    n_new = image_span_length(h, w, layout) - len(image_prefix(tokens, width, height, layout))
     with image_logits_unmasked(model):
         # No min_new_tokens: generate's own processors run before the chain and would change the branches'
         # normalisation; the grid already forbids ending early.
         new = _generate(model, input_ids, mask, max_new_tokens=n_new, do_sample=False,
                         logits_processor=chain, pad_token_id=tokens.pad, eos_token_id=tokens.eot)
-    results = []
-    for i in range(len(prompts)):
-        row = new[i].tolist()
-        codes, _ = ids_to_image(list(prefix) + row, tokens, layout, grid=(h, w))
-        results.append({"codes": codes, "token_ids": row})
-    return results
+    return new, n_new  # generate runs one forward per new token
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved text and images
+# ---------------------------------------------------------------------------------------------
+def generate_interleaved(model, tokens: ChameleonTokens, prompt: Sequence[int], *, width: int, height: int,
+                         layout: str = "lumina", cfg_scale: float | None = 3.0, image_top_k: int = 2000,
+                         image_temperature: float = 1.0, max_new_tokens: int = 64, do_sample: bool = False,
+                         temperature: float = 1.0, top_k: int = 10, max_images: int = 1, sampler: str = "plain",
+                         sjd_window: int = DEFAULT_WINDOW, compile: bool = False, seed: int = 0) -> InterleavedAnswer:
+    """One interleaved answer to ``prompt`` (e.g. from :meth:`Generator.prompt_ids`): text until the model
+    opens an image, a ``width`` x ``height`` image in ``layout`` with guidance ``cfg_scale`` (``plain`` or
+    ``sjd`` sampler), text again until end-of-turn; see :mod:`chameleon_ft.generation.interleaved`.
+    ``max_new_tokens`` bounds the text tokens, ``max_images`` the images. Seeded by ``seed``."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler={sampler!r}: interleaved answers use one of {SAMPLERS}")
+    h, w = image_grid(width, height)
+    guided = cfg_scale is not None and float(cfg_scale) != 1.0
+    image = ImageSampling(guidance_scale=float(cfg_scale) if guided else None, top_k=image_top_k,
+                          temperature=image_temperature, window=sampler_window(sampler, sjd_window))
+    text = TextSampling(max_new_tokens=max_new_tokens, sample=do_sample, temperature=temperature, top_k=top_k)
+    interleaved = InterleavedSampler(tokens, ImageGrid(tokens, h, w, layout, pixel_size=(height, width)), image, text,
+                                     max_images=max_images)
+    decoder = CachedDecoder(model, 2 if guided else 1, interleaved.capacity(len(prompt)), compile=compile)
+    gen = torch.Generator(device=decoder.device).manual_seed(seed)
+    return interleaved.run(decoder, list(prompt), gen)

@@ -55,6 +55,21 @@ def open_image_offset(input_ids: torch.Tensor, tokens: ChameleonTokens) -> torch
     return torch.where(is_open, L - 1 - last_boi, torch.full_like(last_boi, -1))
 
 
+def guided_log_probs(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of one pair of branches: ``g * (cond - uncond) + uncond`` on log-probabilities
+    (float32). Ids that are ``-inf`` in either branch stay ``-inf`` (``inf - inf`` would be nan)."""
+    lc, lu = torch.log_softmax(cond.float(), dim=-1), torch.log_softmax(uncond.float(), dim=-1)
+    mixed = float(guidance_scale) * (lc - lu) + lu
+    return mixed.masked_fill(torch.isneginf(lc) | torch.isneginf(lu), NEG_INF)
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``scores`` with everything below the ``k``-th largest of its last dimension set to ``-inf`` (ties kept)."""
+    k = min(int(k), scores.shape[-1])
+    threshold = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < threshold, NEG_INF)
+
+
 class ImageGridLogitsProcessor(LogitsProcessor):
     """Force the tokens generated after the prompt to form exactly one ``height_tokens x width_tokens`` image.
 
@@ -165,10 +180,8 @@ class ClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
         if B % 2:
             raise GenerationConfigError(
                 f"classifier-free guidance needs an even batch [cond; uncond], got batch size {B}")
-        cond, uncond = torch.log_softmax(scores.float(), dim=-1).split(B // 2, dim=0)
-        mixed = self.guidance_scale * (cond - uncond) + uncond
-        # inf - inf is nan: a token banned in either branch stays banned.
-        mixed = mixed.masked_fill(torch.isneginf(cond) | torch.isneginf(uncond), NEG_INF)
+        cond, uncond = scores.split(B // 2, dim=0)
+        mixed = guided_log_probs(cond, uncond, self.guidance_scale)
         return torch.cat([mixed, mixed], dim=0).to(scores.dtype)
 
 

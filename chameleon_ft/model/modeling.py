@@ -80,8 +80,9 @@ class ChameleonFTDecoderLayer(ChameleonDecoderLayer):
         self.swin_norm = bool(config.swin_norm)
         self.resid_dropout = nn.Dropout(float(ft_option(config, "dropout")))
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
+        # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` is deprecated there).
         kwargs.pop("output_attentions", None)
         residual = hidden_states
         if not self.swin_norm:
@@ -90,7 +91,7 @@ class ChameleonFTDecoderLayer(ChameleonDecoderLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -174,7 +175,7 @@ class ChameleonFTForCausalLM(ChameleonForConditionalGeneration):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -182,13 +183,17 @@ class ChameleonFTForCausalLM(ChameleonForConditionalGeneration):
         return_logits: bool | None = None,
         **kwargs,
     ) -> ChameleonFTOutput:
-        """Causal-LM forward. With ``labels``, logits are only computed if ``return_logits``."""
+        """Causal-LM forward. With ``labels``, logits are only computed if ``return_logits``.
+
+        ``cache`` is the KV cache (transformers' current name; a caller's ``past_key_values`` reaches the stock
+        model's own deprecation shim through ``kwargs``).
+        """
         kwargs.pop("pixel_values", None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -218,6 +223,6 @@ class ChameleonFTForCausalLM(ChameleonForConditionalGeneration):
         return ChameleonFTOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             loss_sums=sums,
         )

@@ -51,7 +51,7 @@ class Task:
     label_mask: str  # default data.label_mask: assistant | image | all
     monitor: str  # the metric a run returns to sweepers and names as its best
     monitor_mode: str  # max | min
-    output: str  # what generation produces for validation: text | image
+    output: str  # what generation produces: text | image | interleaved (text, then an image, in one answer)
     conversation: Builder  # canonical fields -> a training sample
     prompt: PromptBuilder  # canonical fields -> the turns a generated answer follows
     prompt_template: str | None = None  # default data.prompt_template
@@ -70,12 +70,13 @@ class Task:
 
 
 TASKS: Registry[Task] = Registry("task", "task", DataConfigError)
+TASK_OUTPUTS = ("text", "image", "interleaved")
 
 
 def register_task(task: Task) -> Task:
     """Add ``task`` to the registry (names are unique)."""
     if task.label_mask not in LABEL_MASKS or task.monitor_mode not in ("max", "min") \
-            or task.output not in ("text", "image"):
+            or task.output not in TASK_OUTPUTS:
         raise ValueError(f"task {task.name!r}: bad label_mask, monitor_mode or output")
     return TASKS.register(task.name, task)
 

@@ -8,14 +8,14 @@ from chameleon_ft.tasks import SampleContext, build_sample, get_task, infer_task
 
 
 def test_every_task_is_consistent():
-    assert {"captioning", "vqa", "text_to_image", "chat"} <= set(task_names())
+    assert {"captioning", "vqa", "text_to_image", "chat", "interleaved"} <= set(task_names())
     for name in task_names():
         t = get_task(name)
         assert t.name == name and t.monitor.startswith("val/") and t.monitor_mode in ("max", "min")
         assert t.key_field in t.fields
         if t.prompt_template is not None:
             assert t.template(None) == t.prompt_template  # the default satisfies its own placeholders
-        assert (t.score is None) == (t.output == "image")
+        assert (t.score is None) == (t.output != "text")  # generated text is scored; images are looked at
 
 
 def test_unknown_task_lists_the_valid_ones():
@@ -43,6 +43,7 @@ def test_prompt_is_the_conversation_without_its_answer():
     cases = {"vqa": {"image": image, "question": "Odd?", "answer": "no"},
              "captioning": {"image": image, "caption": "a digit"},
              "text_to_image": {"image": image, "prompt": "a digit"},
+             "interleaved": {"image": image, "instruction": "Name it and draw it", "response": "seven"},
              "chat": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}}
     for name, fields in cases.items():
         task = get_task(name)
@@ -50,6 +51,15 @@ def test_prompt_is_the_conversation_without_its_answer():
         assert task.prompt(fields, SampleContext()) == conv.turns[:-1], name
     caption = get_task("captioning")
     assert caption.prompt({"image": ImageRef(path="x.png")}, SampleContext())[0].text == "Describe the image briefly."
+
+
+def test_interleaved_answer_is_text_then_image():
+    image = ImageRef(path="x.png")
+    conv = get_task("interleaved").conversation({"instruction": "Name it and draw it", "response": "seven",
+                                                 "image": image}, SampleContext())
+    assert [t.role for t in conv.turns] == ["user", "assistant"] and conv.turns[0].text == "Name it and draw it"
+    assert [(s.text, s.image) for s in conv.turns[1].segments] == [("seven", None), (None, image)]
+    assert infer_task({"response": "seven"}) == "interleaved"
 
 
 def test_missing_field_error_names_the_keys_the_record_has():

@@ -1,4 +1,4 @@
-"""Bundled real data: scikit-learn's handwritten digits as captioning, VQA and text-to-image sets.
+"""Bundled real data: scikit-learn's handwritten digits as captioning, VQA, text-to-image and interleaved sets.
 
 ``sklearn.datasets.load_digits`` ships 1797 real 8x8 scans (values 0..16) inside scikit-learn, so these
 sets need no download. They exercise the same path-based code as real data: each scan is rendered to a
@@ -16,6 +16,7 @@ PNG file in the cache (:func:`chameleon_ft.paths.cache_root`) and referenced by 
   -> "yes"), so held-out splits mix the types evenly. The answers are the answer ten times (the VQAv2
   metric's shape).
 - text_to_image: ``"Draw the digit 7"``.
+- interleaved: ``"Write the digit 7 in words and then draw it"`` -> ``"seven"``, then the image.
 """
 
 from __future__ import annotations
@@ -121,14 +122,19 @@ def _t2i_fields(label: int, qtype: str | None) -> dict:
     return {"prompt": f"Draw the digit {label}"}
 
 
+def _interleaved_fields(label: int, qtype: str | None) -> dict:
+    return {"instruction": f"Write the digit {label} in words and then draw it", "response": DIGIT_WORDS[label]}
+
+
 # The digits data for each task it supports: canonical fields of one image (and question type).
-TASK_FIELDS = {"captioning": _caption_fields, "vqa": _vqa_fields, "text_to_image": _t2i_fields}
+TASK_FIELDS = {"captioning": _caption_fields, "vqa": _vqa_fields, "text_to_image": _t2i_fields,
+               "interleaved": _interleaved_fields}
 
 
 @register_format
 class DigitsFormat(Format):
     name = "digits"
-    description = "bundled: scikit-learn's handwritten digits for captioning, vqa and text_to_image"
+    description = "bundled: scikit-learn's handwritten digits for captioning, vqa, text_to_image and interleaved"
     tasks = tuple(TASK_FIELDS)
 
     def split_inputs(self, cfg, split: str) -> SplitInputs:

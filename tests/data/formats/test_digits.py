@@ -75,6 +75,19 @@ def test_captioning_and_t2i():
     assert default.turns[0].text.startswith("Generate an image of 64x64 according to the following prompt:\n")
 
 
+def test_interleaved_answers_in_words_then_draws():
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    recs = digits_records("interleaved", "val")
+    assert len(recs) == 179
+    for r in recs:
+        conv = Conversation.from_record(r)
+        label = int(SKL.target[conv.index])
+        assert conv.turns[0].text == f"Write the digit {label} in words and then draw it"
+        answer = conv.turns[1]
+        assert answer.role == "assistant" and [s.type for s in answer.segments] == ["text", "image"]
+        assert answer.text == words[label] and conv.task == "interleaved"
+
+
 def test_rendered_images_are_the_scans(_cache):
     idx = digits.split_indices("val")[0]
     at8 = np.asarray(Image.open(digits.digit_image_path(idx, size=8)))
