@@ -39,6 +39,7 @@ def test_every_recipe_runs_end_to_end(recipe, tmp_path, tiny_grouped):
     assert f"path: {tiny_grouped}" in saved  # the resolved base checkpoint is recorded
     assert "adapter written to" in res.stdout and "metrics written to" in res.stdout
     assert "chameleon-ft run" in res.stdout and "chameleon-ft summary" in res.stdout  # card and summary
+    assert "deprecated" not in res.stderr and "Total FLOPs" not in res.stdout  # a quiet console
 
 
 def test_multirun_sweep_gives_each_run_its_own_directory(tmp_path, tiny_grouped):

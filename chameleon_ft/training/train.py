@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -201,6 +202,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
     continue the same run (:func:`check_resume`) before anything in ``run_dir`` is written. A diverged run
     stops with a :class:`~chameleon_ft.errors.RunError` and exports nothing.
     """
+    # Lightning's CombinedLoader builds torch's deprecated LeafSpec on every batch (Lightning's code, not
+    # ours; fixed upstream when Lightning follows torch): one warning per run that the user cannot act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     run_dir = resolve_run_dir(run_dir).resolve()
     lock = RunDirLock(run_dir) if rank_zero_only.rank == 0 else nullcontext()
     with lock:
