@@ -28,6 +28,7 @@ from transformers.models.chameleon.modeling_chameleon import (
     ChameleonRotaryEmbedding,
 )
 
+from chameleon_ft.model.attention import attention_kwargs
 from chameleon_ft.model.loss import LossSums, fused_lm_loss
 from chameleon_ft.model.qk_norm import GroupedQKNorm
 
@@ -182,8 +183,17 @@ class ChameleonFTForCausalLM(ChameleonForConditionalGeneration):
         return_logits: bool | None = None,
         **kwargs,
     ) -> ChameleonFTOutput:
-        """Causal-LM forward. With ``labels``, logits are only computed if ``return_logits``."""
+        """Causal-LM forward. With ``labels``, logits are only computed if ``return_logits``.
+
+        A ``[1, N]`` row of packed documents (position ids restarting at each, no ``attention_mask``)
+        gets its document boundaries in the form the attention implementation reads
+        (:mod:`chameleon_ft.model.attention`).
+        """
         kwargs.pop("pixel_values", None)
+        if labels is not None and use_cache is None:
+            use_cache = False  # training never reads a KV cache; building one costs memory and hides packing
+        kwargs.update(attention_kwargs(self.config._attn_implementation, position_ids, attention_mask,
+                                       past_key_values, kwargs))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

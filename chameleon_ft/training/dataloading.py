@@ -95,6 +95,7 @@ def build_dataloaders(cfg, assets, *, world_size: int, rank: int, run_dir=None):
     Returns ``(train_loader, val_loader)``.
     """
     from chameleon_ft.data.collator import ConversationCollator, PackedRows, pack_by_length
+    from chameleon_ft.model.attention import takes_documents
     from chameleon_ft.data.pipeline import TrainingSamples, tokenized_split
     from chameleon_ft.data.sampler import LengthGroupedBatchSampler
     from chameleon_ft.model.assets import as_assets
@@ -102,6 +103,9 @@ def build_dataloaders(cfg, assets, *, world_size: int, rank: int, run_dir=None):
     assets = as_assets(assets)
     data = cfg.data
     collate = ConversationCollator(pad_id=assets.tokens.pad, max_length=int(data.max_length))
+    # Packed rows in the documents layout (no T x T mask) when the attention implementation reads it.
+    packed_collate = ConversationCollator(pad_id=assets.tokens.pad, max_length=int(data.max_length),
+                                          flatten=takes_documents(training_attn_implementation(cfg)))
     loaders = []
     for split, bs, train in (("train", data.batch_size, True), ("val", data.eval_batch_size, False)):
         samples = TrainingSamples(tokenized_split(data, assets, split, run_dir=run_dir),
@@ -114,6 +118,18 @@ def build_dataloaders(cfg, assets, *, world_size: int, rank: int, run_dir=None):
         sampler = LengthGroupedBatchSampler(lengths, int(bs), seed=int(cfg.seed), shuffle=train,
                                             num_replicas=world_size, rank=rank)
         cls = ResumableDataLoader if train else DataLoader
-        loaders.append(cls(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0,
-                           generator=private_generator(int(cfg.seed))))
+        loaders.append(cls(dataset, batch_sampler=sampler, collate_fn=packed_collate if dataset is not samples else collate,
+                           num_workers=0, generator=private_generator(int(cfg.seed))))
     return tuple(loaders)
+
+
+def training_attn_implementation(cfg) -> str:
+    """The attention implementation a run of ``cfg`` trains with (``auto`` resolved for its accelerator)."""
+    from omegaconf import OmegaConf
+
+    from chameleon_ft.model.attention import DEFAULT_ATTN_IMPLEMENTATION, resolve_attn_implementation
+    from chameleon_ft.training.strategy import resolve_accelerator
+
+    name = OmegaConf.select(cfg, "model.attn_implementation", default=DEFAULT_ATTN_IMPLEMENTATION)
+    accelerator = resolve_accelerator(str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")))
+    return resolve_attn_implementation(name, "cuda" if accelerator == "gpu" else "cpu")
