@@ -91,3 +91,15 @@ def test_a_worker_started_by_a_large_process_measures_only_its_own_peak():
     delta = int(out.stdout.strip().splitlines()[-1])
     assert 60 * 2**20 <= delta < 160 * 2**20
     del ballast
+
+
+def test_packed_attention_modes_train_the_same_rows(tiny_grouped):
+    from benchmarks.packed_attention import document_lengths, measure
+
+    lengths = document_lengths(4096, seed=3)
+    assert sum(lengths) == 4096 and min(lengths[:-1]) >= 16 and len(lengths) > 3
+    dense = measure("dense", str(tiny_grouped), "cpu", steps=2, warmup=0, threads=1, seq=2048)
+    docs = measure("sdpa_documents", str(tiny_grouped), "cpu", steps=2, warmup=0, threads=1, seq=2048)
+    assert dense["mask_bytes"] == 2048 * 2048 and docs["mask_bytes"] == 0
+    assert docs["loss0"] == pytest.approx(dense["loss0"], rel=1e-5)
+    assert dense["documents_per_row"] == docs["documents_per_row"] and min(dense["documents_per_row"]) > 1
