@@ -9,4 +9,4 @@ its name in :data:`BENCHMARKS`.
 
 # Run order; each name is a module of this package.
 BENCHMARKS = ("loss_memory", "checkpoint_load", "step_overhead", "data_throughput", "packed_attention",
-              "gpu_training")
+              "training_throughput", "gpu_training")

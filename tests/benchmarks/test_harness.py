@@ -103,3 +103,20 @@ def test_packed_attention_modes_train_the_same_rows(tiny_grouped):
     assert dense["mask_bytes"] == 2048 * 2048 and docs["mask_bytes"] == 0
     assert docs["loss0"] == pytest.approx(dense["loss0"], rel=1e-5)
     assert dense["documents_per_row"] == docs["documents_per_row"] and min(dense["documents_per_row"]) > 1
+
+
+def test_training_throughput_synthetic_samples_are_long_tailed_with_an_image_each(tiny_grouped):
+    from benchmarks.training_throughput import MAX_LENGTH, synthetic_samples, target_tokens
+    from chameleon_ft.data.image_layout import ids_to_image, image_spans
+    from chameleon_ft.model.assets import CheckpointAssets
+
+    assets = CheckpointAssets.open(tiny_grouped)
+    samples = synthetic_samples(str(tiny_grouped), 200)
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    assert lengths[-1] <= MAX_LENGTH and lengths[-1] > 3 * lengths[len(lengths) // 2]  # a long tail
+    for s in samples:
+        (start, end), = image_spans(s["input_ids"], assets.tokens)
+        codes, _ = ids_to_image(s["input_ids"][start:end], assets.tokens, assets.image_layout())
+        assert codes.shape == (assets.vq_resolution // 16,) * 2
+        assert all(t == -100 for t in s["labels"][:end])  # the image and question are never targets
+    assert target_tokens(samples) == sum(sum(t != -100 for t in s["labels"]) for s in samples) > 0
