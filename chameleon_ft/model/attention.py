@@ -79,7 +79,7 @@ def restarts(position_ids: torch.Tensor) -> bool:
     return position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any())
 
 
-def document_kwargs(position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def document_kwargs(position_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
     """``cu_seq_lens_q/k`` and ``max_length_q/k`` (flash-attn's varlen arguments) of a ``[1, N]`` row whose
     position ids restart at every document."""
     if position_ids.shape[0] != 1:
@@ -87,7 +87,7 @@ def document_kwargs(position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     pos = position_ids.reshape(-1)
     starts = torch.cat([torch.ones(1, dtype=torch.bool, device=pos.device), pos[1:] - pos[:-1] != 1])
     cu = torch.cat([starts.nonzero().reshape(-1), torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)
-    longest = (cu[1:] - cu[:-1]).max()
+    longest = int((cu[1:] - cu[:-1]).max())  # flash-attn takes the maximum as a Python int
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

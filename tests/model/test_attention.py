@@ -90,7 +90,7 @@ def _documents_bytes(T: int, doc: int) -> int:
     assert "attention_mask" not in batch and batch["position_ids"].shape == (1, T)
     described = document_kwargs(batch["position_ids"])  # what sdpa_documents / flash-attn read
     assert described["cu_seq_lens_q"].tolist() == list(range(0, T + 1, doc))
-    return batch["position_ids"].nbytes + sum(t.nbytes for t in described.values())
+    return batch["position_ids"].nbytes + sum(t.nbytes for t in described.values() if isinstance(t, torch.Tensor))
 
 
 def _block_mask_bytes(T: int, doc: int) -> int:

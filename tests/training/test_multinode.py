@@ -1,5 +1,6 @@
 """Multi-node rehearsal on one machine: two torchrun "nodes" (one process each, c10d rendezvous on
-127.0.0.1) train with FSDP2 over gloo, checkpoint every rank's shard, resume, and export once."""
+127.0.0.1) train packed documents with FSDP2 over gloo, checkpoint every rank's shard, resume, and export
+once."""
 
 import csv
 import json
@@ -31,7 +32,9 @@ def run_two_nodes(run_dir: Path, cwd: Path, *overrides: str, timeout: int = 900)
     args = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
             f"--rdzv-id=rehearsal-{port}", "-m", "chameleon_ft", "recipe=debug", "strategy=fsdp",
             "trainer.accelerator=cpu", "trainer.num_nodes=2", f"hydra.run.dir={run_dir}",
-            "trainer.enable_progress_bar=false", "data.max_samples=16", "data.batch_size=4", "data.eval_batch_size=2", "eval.max_samples=2",
+            "trainer.enable_progress_bar=false", "data.max_samples=16", "data.eval_batch_size=2", "eval.max_samples=2",
+            # Packed rows of about 2 samples, one row per rank and step, in the documents layout (no T x T mask).
+            "data.packing=true", "data.max_length=128", "data.batch_size=1", "model.attn_implementation=sdpa_documents",
             f"data.cache_dir={cwd / 'data_cache'}", *overrides]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

@@ -19,12 +19,14 @@ from chameleon_ft.training.checkpointing import find_resume_checkpoint
 from tests.training.helpers import small_checkpoint
 from tests.training.test_fsdp import WORKER, run_worker, step_losses
 
-# 48 samples, global batch 8: 6 steps per epoch; killed after the step-4 checkpoint, so the resumed
-# run finishes epoch 0 and starts epoch 1. No dropout: ranks draw different random streams.
-RUN = {"trainer.max_steps": 8, "checkpoint.every_n_steps": 4, "checkpoint.keep_last": 3, "optim.warmup_steps": 2}
+# 48 samples, global batch 8: 6 steps per epoch; killed after the step-3 checkpoint, so the resumed
+# run finishes epoch 0 and starts epoch 1. Step 3 is odd: each of 2 ranks had taken 3 batches, which a
+# resumed accumulating process must count as 6 to close its windows where the 2-process run did.
+# No dropout: ranks draw different random streams.
+RUN = {"trainer.max_steps": 8, "checkpoint.every_n_steps": 3, "checkpoint.keep_last": 3, "optim.warmup_steps": 2}
 TWO = {**RUN, "strategy.name": "fsdp", "trainer.devices": 2}
 ONE_ACCUMULATING = {**RUN, "trainer.devices": 1, "trainer.accumulate_grad_batches": 2}
-KILL_AFTER = 4
+KILL_AFTER = 3
 
 
 def batches(run_dir: Path) -> list[tuple[int, int, int]]:
@@ -127,9 +129,9 @@ def test_changed_global_batch_warns_and_continues_after_the_consumed_samples(ref
     assert "the global batch changed" in proc.stderr
     assert "samples per optimizer step (per-device batch 4 x 2 device(s) x 1 accumulation)" in proc.stderr
     assert "this run takes 4 (4 x 1 x 1)" in proc.stderr
-    assert "continues after 32 of the 32 samples" in proc.stderr
-    # The 8 global batches of 4 already consumed were batches 0..7 of the epoch's order; the resumed run
-    # takes batches 8 and 9 next: step 4's batches of the 2-process run, rank 0's then rank 1's.
+    assert "continues after 24 of the 24 samples" in proc.stderr
+    # The 6 batches of 4 already consumed were batches 0..5 of the epoch's order; the resumed run takes
+    # batches 6 and 7 next: step 3's batches of the 2-process run, rank 0's then rank 1's.
     want = [sig for step, sig, rank in sorted(batches(ref), key=lambda b: (b[0], b[2])) if step == KILL_AFTER]
     got = [sig for step, sig, _ in batches(run)]
     assert got == want
