@@ -26,7 +26,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from chameleon_ft.errors import ConfigError
+from chameleon_ft.errors import ConfigError, DataError
 
 SDPA_DOCUMENTS = "sdpa_documents"
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
@@ -83,7 +83,8 @@ def document_kwargs(position_ids: torch.Tensor) -> dict[str, torch.Tensor | int]
     """``cu_seq_lens_q/k`` and ``max_length_q/k`` (flash-attn's varlen arguments) of a ``[1, N]`` row whose
     position ids restart at every document."""
     if position_ids.shape[0] != 1:
-        raise ValueError(f"packed documents must be one row [1, N]; got position ids of shape {list(position_ids.shape)}")
+        raise DataError(f"packed documents must be one row [1, N] (the collator's flatten=True); got position ids "
+                        f"of shape {list(position_ids.shape)} without an attention mask")
     pos = position_ids.reshape(-1)
     starts = torch.cat([torch.ones(1, dtype=torch.bool, device=pos.device), pos[1:] - pos[:-1] != 1])
     cu = torch.cat([starts.nonzero().reshape(-1), torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)
@@ -117,7 +118,7 @@ def sdpa_documents_forward(module, query, key, value, attention_mask, dropout: f
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if attention_mask is not None:
-        raise ValueError("sdpa_documents: a packed row (cu_seq_lens_q) takes no attention mask")
+        raise DataError("sdpa_documents: a packed row (cu_seq_lens_q) takes no attention mask")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)

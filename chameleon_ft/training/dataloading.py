@@ -125,7 +125,10 @@ class ResumableDataLoader(DataLoader):
         epoch, done = int(state["epoch"]), self._batches_done_here(state)
         fn = getattr(self, "_progress_fn", None)
         if done != int(state["batches_done"]) and hasattr(fn, "set_batches_done"):
-            fn.set_batches_done(done)  # the trainer's counters follow this rank's new share
+            # The trainer's counters follow this rank's new share of the epoch's batches.
+            now = self._layout()
+            then_b, now_b = state.get("batch_size") or 1, now["batch_size"] or 1
+            fn.set_batches_done(done, (state["world_size"] * then_b) / (now["world_size"] * now_b))
         self._set_epoch(epoch)
         if done >= len(sampler):  # saved on the epoch's last batch: continue with the next epoch
             epoch, done = epoch + 1, 0
@@ -157,14 +160,17 @@ class TrainerProgress:
     def layout(self) -> tuple[int, int]:
         return int(self.trainer.world_size), int(self.trainer.accumulate_grad_batches)
 
-    def set_batches_done(self, n: int) -> None:
+    def set_batches_done(self, n: int, earlier_scale: float = 1.0) -> None:
+        """Move this epoch's batch counters to ``n``; the batches of earlier epochs in the running totals are
+        multiplied by ``earlier_scale`` (this rank's share of an epoch, new layout over old)."""
         progress = self.trainer.fit_loop.epoch_loop.batch_progress
-        shift = int(n) - progress.current.ready
-        for tracker in (progress.current, progress.total):
-            tracker.ready += shift
-            tracker.started += shift
-            tracker.processed += shift
-            tracker.completed += shift
+        current, total = progress.current, progress.total
+        earlier = round((total.ready - current.ready) * earlier_scale)
+        # started/processed/completed trail ready by 0 or 1 (saved between the hooks of one batch).
+        lags = {name: current.ready - getattr(current, name) for name in ("ready", "started", "processed", "completed")}
+        for name, lag in lags.items():
+            setattr(current, name, int(n) - lag)
+            setattr(total, name, earlier + int(n) - lag)
 
 
 def trainer_progress(trainer) -> TrainerProgress:

@@ -145,3 +145,15 @@ def test_rows_of_packed_samples_without_a_mask_are_refused_not_mixed():
     batch = ConversationCollator(pad_id=0, max_length=16)([samples[:2], samples[2:]])
     with pytest.raises(ValueError, match=r"packed documents must be one row \[1, N\]"):
         model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+
+
+def test_flex_attention_is_refused_for_training_on_cpu_before_loading(tmp_path):
+    from omegaconf import OmegaConf
+
+    from chameleon_ft.config.schema import ModelConfig, PeftConfig
+    from chameleon_ft.training.model_init import build_train_model
+
+    model_cfg = OmegaConf.structured(ModelConfig(attn_implementation="flex_attention"))
+    with pytest.raises(ConfigError, match="flex_attention cannot train on CPU"):
+        build_train_model(model_cfg, OmegaConf.structured(PeftConfig()), tmp_path / "not_read", device="cpu",
+                          base_dtype=torch.float32, seed=0)

@@ -136,3 +136,25 @@ def test_changed_global_batch_warns_and_continues_after_the_consumed_samples(ref
     got = [sig for step, sig, _ in batches(run)]
     assert got == want
     assert sorted(step_losses(run)) == [KILL_AFTER, KILL_AFTER + 1]  # the step count continues
+
+
+def test_trainer_counters_move_to_the_new_share_and_rescale_earlier_epochs():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loops.progress import _BatchProgress
+
+    from chameleon_ft.training.dataloading import TrainerProgress
+
+    progress = _BatchProgress()
+    # Saved at the end of a batch: 2 earlier epochs of 6 batches, then 3 batches of this one, the last
+    # one not yet counted as completed.
+    progress.total.ready = progress.total.started = progress.total.processed = 15
+    progress.total.completed = 14
+    progress.current.ready = progress.current.started = progress.current.processed = 3
+    progress.current.completed = 2
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    TrainerProgress(trainer).set_batches_done(6, earlier_scale=2.0)  # 2 ranks -> 1: twice the batches
+    assert (progress.current.ready, progress.current.started, progress.current.processed,
+            progress.current.completed) == (6, 6, 6, 5)
+    assert (progress.total.ready, progress.total.started, progress.total.processed, progress.total.completed) == \
+        (30, 30, 30, 29)
