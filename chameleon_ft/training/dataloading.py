@@ -108,8 +108,8 @@ class ResumableDataLoader(DataLoader):
             f"the global batch changed: the checkpoint was saved with {_samples(then)} samples per optimizer step "
             f"(per-device batch {then['batch_size']} x {then['world_size']} device(s) x {then['accumulation']} "
             f"accumulation), this run takes {_samples(now)} ({now['batch_size']} x {now['world_size']} x "
-            f"{now['accumulation']}). Epoch {int(state['epoch'])} continues after {local // now['accumulation'] * per_step}"
-            f" of the {samples} samples it had consumed"
+            f"{now['accumulation']}). Epoch {int(state['epoch'])} continues after "
+            f"{local // now['accumulation'] * per_step} of the {samples} samples it had consumed"
             + ("" if then["batch_size"] == now["batch_size"] else
                " (another per-device batch size groups other samples into the epoch's batches)")
             + "; the learning-rate schedule still counts optimizer steps.")
@@ -184,13 +184,13 @@ def build_dataloaders(cfg, assets, *, world_size: int, rank: int, run_dir=None):
 
     Returns ``(train_loader, val_loader)``.
     """
-    from chameleon_ft.data.collator import ConversationCollator, PackedRows, pack_by_length
     from omegaconf import OmegaConf
 
-    from chameleon_ft.model.attention import takes_documents
+    from chameleon_ft.data.collator import ConversationCollator, PackedRows, pack_by_length
     from chameleon_ft.data.pipeline import TrainingSamples, tokenized_split
     from chameleon_ft.data.sampler import LengthGroupedBatchSampler
     from chameleon_ft.model.assets import as_assets
+    from chameleon_ft.model.attention import takes_documents
 
     assets = as_assets(assets)
     data = cfg.data
@@ -198,6 +198,7 @@ def build_dataloaders(cfg, assets, *, world_size: int, rank: int, run_dir=None):
     # Packed rows in the documents layout (no T x T mask) when the attention implementation reads it.
     packed_collate = ConversationCollator(pad_id=assets.tokens.pad, max_length=int(data.max_length),
                                           flatten=takes_documents(training_attn_implementation(cfg)))
+    accumulation = int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1))
     loaders = []
     for split, bs, train in (("train", data.batch_size, True), ("val", data.eval_batch_size, False)):
         samples = TrainingSamples(tokenized_split(data, assets, split, run_dir=run_dir),
@@ -209,10 +210,9 @@ def build_dataloaders(cfg, assets, *, world_size: int, rank: int, run_dir=None):
             dataset, lengths = PackedRows(samples, bins), [sum(samples.lengths[i] for i in b) for b in bins]
         sampler = LengthGroupedBatchSampler(lengths, int(bs), seed=int(cfg.seed), shuffle=train,
                                             num_replicas=world_size, rank=rank,
-                                            accumulation=int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches",
-                                                                              default=1)) if train else 1)
+                                            accumulation=accumulation if train else 1)
         cls = ResumableDataLoader if train else DataLoader
-        loaders.append(cls(dataset, batch_sampler=sampler, collate_fn=packed_collate if dataset is not samples else collate,
+        loaders.append(cls(dataset, batch_sampler=sampler, collate_fn=collate if dataset is samples else packed_collate,
                            num_workers=0, generator=private_generator(int(cfg.seed))))
     return tuple(loaders)
 

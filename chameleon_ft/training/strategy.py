@@ -122,7 +122,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         if keys is not None:
             missing = sorted(keys - set(state))
             if missing:
-                raise CheckpointError(f"{path}: lacks trained tensors {missing[:5]} (was it made with another peft config?)")
+                raise CheckpointError(f"{path}: lacks trained tensors {missing[:5]} "
+                                      "(was it made with another peft config?)")
             state = {k: v for k, v in state.items() if k in keys}
         full = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(module, state, options=full)

@@ -21,7 +21,7 @@ CASES = [
 
 
 def loss_and_grads(implementation: str, device: str, dtype: torch.dtype, samples):
-    model = model_with(implementation).to(device=device, dtype=dtype).train()
+    model = model_with(implementation, device_type=device).to(device=device, dtype=dtype).train()
     batch, _ = packed_batch(implementation, samples)
     batch = {k: v.to(device) for k, v in batch.items() if k != "sample_index"}
     out = model(**batch)

@@ -21,9 +21,10 @@ CPU_FORWARD = ["sdpa", "sdpa_documents", "eager", "flex_attention"]
 CPU_TRAIN = ["sdpa", "sdpa_documents", "eager"]
 
 
-def model_with(implementation: str, seed: int = 0) -> ChameleonFTForCausalLM:
+def model_with(implementation: str, seed: int = 0, device_type: str = "cpu") -> ChameleonFTForCausalLM:
+    """A small random model (weights fixed by ``seed``) running ``implementation`` on ``device_type``."""
     cfg = small_config(mask_image_logits=False)
-    cfg._attn_implementation = resolve_attn_implementation(implementation, "cpu")
+    cfg._attn_implementation = resolve_attn_implementation(implementation, device_type)
     return randomize_(ChameleonFTForCausalLM(cfg), seed=seed)
 
 
@@ -74,7 +75,8 @@ def test_packed_gradients_equal_the_dense_mask(implementation):
         grads[impl]["<loss_sum>"] = out.loss_sums.loss_sum.detach()[None]
     assert grads["sdpa"].keys() == grads[implementation].keys()
     for name, g in grads["sdpa"].items():
-        torch.testing.assert_close(grads[implementation][name], g, rtol=1e-4, atol=1e-5, msg=name)  # grads up to ~8: float noise
+        # Gradients reach ~8: float noise of the reordered sums.
+        torch.testing.assert_close(grads[implementation][name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _dense_mask_bytes(T: int, doc: int) -> int:
@@ -95,8 +97,8 @@ def _documents_bytes(T: int, doc: int) -> int:
 
 def _block_mask_bytes(T: int, doc: int) -> int:
     """Bytes of the FlexAttention BlockMask transformers builds for a documents row (its block tables)."""
-    from transformers.masking_utils import create_causal_mask
     from torch.nn.attention.flex_attention import BlockMask
+    from transformers.masking_utils import create_causal_mask
 
     cfg = small_config()
     cfg._attn_implementation = "flex_attention"

@@ -38,16 +38,11 @@ def batches(run_dir: Path) -> list[tuple[int, int, int]]:
 def per_step(run_dir: Path) -> dict[int, Counter]:
     """The batches (signatures) each optimizer step consumed, over all ranks; the last visit of a step wins
     (a killed run's unfinished step is trained again after the resume)."""
-    seen: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    visits: dict[int, int] = {}
-    for i, (step, sig, _) in enumerate(batches(run_dir)):
-        seen[step].append((i, sig))
-        visits[step] = i
-    out = {}
-    for step, items in seen.items():
-        ranks_x_accumulation = 2  # every layout here: 2 micro-batches per step
-        out[step] = Counter(sig for _, sig in items[-ranks_x_accumulation:])
-    return out
+    seen: dict[int, list[int]] = defaultdict(list)
+    for step, sig, _ in batches(run_dir):
+        seen[step].append(sig)
+    micro_batches = 2  # every layout here: ranks x accumulation = 2 micro-batches per step
+    return {step: Counter(sigs[-micro_batches:]) for step, sigs in seen.items()}
 
 
 def kill_after_checkpoint(run_dir: Path, ckpt: Path, overrides: dict) -> None:
