@@ -120,3 +120,22 @@ def test_training_throughput_synthetic_samples_are_long_tailed_with_an_image_eac
         assert codes.shape == (assets.vq_resolution // 16,) * 2
         assert all(t == -100 for t in s["labels"][:end])  # the image and question are never targets
     assert target_tokens(samples) == sum(sum(t != -100 for t in s["labels"]) for s in samples) > 0
+
+
+def test_a_worker_result_is_read_after_output_that_ends_mid_line(monkeypatch, capsys):
+    import sys
+    import types
+
+    from benchmarks import _worker
+    from benchmarks.common import RESULT_PREFIX
+
+    def measure_with_a_bar():
+        sys.stdout.write("\rtraining 45/45 [00:03]")  # how a progress bar leaves stdout: no newline
+        return {"figure": 1.5}
+
+    monkeypatch.setitem(sys.modules, "benchmarks.bar_fake", types.SimpleNamespace(measure=measure_with_a_bar))
+    monkeypatch.setattr(sys, "argv", ["_worker", json.dumps({"module": "bar_fake", "function": "measure",
+                                                             "kwargs": {}})])
+    _worker.main()
+    results = [line for line in capsys.readouterr().out.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert [json.loads(line[len(RESULT_PREFIX):]) for line in results] == [{"figure": 1.5}]
