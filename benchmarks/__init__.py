@@ -8,4 +8,5 @@ its name in :data:`BENCHMARKS`.
 """
 
 # Run order; each name is a module of this package.
-BENCHMARKS = ("loss_memory", "checkpoint_load", "step_overhead", "data_throughput", "generation", "gpu_training")
+BENCHMARKS = ("loss_memory", "checkpoint_load", "step_overhead", "data_throughput", "packed_attention",
+              "training_throughput", "generation", "gpu_training")

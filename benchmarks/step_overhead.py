@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.common import cache_dir, figure, median, run_worker
 
-GOAL = "<= 1.05"
+GOAL = "<= 1.02"
 MODES = ("ours", "hand", "hf_trainer")
 # A wider model that still trains on a CPU: hidden 1024 (head_dim 128 like 7B), 7B's vocabulary size.
 WIDE_SPEC = {"hidden": 1024, "intermediate": 2816, "layers": 4, "heads": 8, "vocab": 65_536, "num_codes": 8192,
@@ -177,7 +177,8 @@ def _run_ours(cfg, model_path, rows, batch, run_dir) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.ends.append(_now())
             if self.loss0 is None:
-                self.loss0 = float(trainer.callback_metrics["train/loss"])
+                # The progress-bar loss: logged every step (train/* only on the loggers' steps).
+                self.loss0 = float(trainer.callback_metrics["loss"])
 
     timer = StepTimer()
     torch.manual_seed(int(cfg.seed))

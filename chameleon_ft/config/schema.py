@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from chameleon_ft.data.config import DataConfig
+from chameleon_ft.model.attention import DEFAULT_ATTN_IMPLEMENTATION
 
 
 @dataclass
@@ -24,7 +25,9 @@ class ModelConfig:
     z_loss_weight: float = 0.0
     dropout: float = 0.0
     loss_chunk_size: int = 1024
-    attn_implementation: str = "sdpa"
+    # auto | sdpa | sdpa_documents | flash_attention_2 | flex_attention | eager (chameleon_ft.model.attention).
+    # With data.packing, every implementation but sdpa takes packed samples without a T x T mask.
+    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION
     activation_checkpointing: bool = False
     # Lumina-mGPT zeroed the image-token rows of lm_head before training (released weights can't draw).
     zero_image_lm_head: bool = False

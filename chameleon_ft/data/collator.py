@@ -1,7 +1,14 @@
 """Batching tokenized conversations: right padding, or packing several samples per row.
 
-Packed rows keep samples apart with a block-diagonal causal mask ``[B, 1, T, T]`` (True = attend) and
-position ids that restart at every sample; under SDPA this reproduces the unpacked logits exactly.
+Two layouts for packed samples:
+
+- rows (default): samples kept apart by a block-diagonal causal mask ``[B, 1, T, T]`` (True = attend)
+  and position ids that restart at every sample; under SDPA this reproduces the unpacked logits exactly;
+- documents (``flatten=True``): every sample of the batch in one row ``[1, N]`` without padding, position
+  ids restarting at every sample and no mask: O(N) for the attention implementations of
+  :mod:`chameleon_ft.model.attention` that find the documents from the position ids.
+
+Samples are never split: a sample, and so every image span in it, lies inside one document.
 """
 
 from __future__ import annotations
@@ -63,11 +70,15 @@ class ConversationCollator:
     Returns ``input_ids``, ``labels`` (-100 on padding), ``position_ids``, ``attention_mask`` (``[B, T]``
     for plain rows, ``[B, 1, T, T]`` bool when any row holds several samples) and ``sample_index``
     (``[B, T]``, the sample each token belongs to, -1 on padding; numbered across the batch).
+
+    ``flatten``: the documents layout instead -- one row ``[1, N]`` holding every sample of the batch,
+    no padding and no ``attention_mask`` (the position ids restart at each sample).
     """
 
     pad_id: int
     max_length: int
     pad_to_multiple_of: int = 8
+    flatten: bool = False
 
     def __call__(self, items: list[dict] | list[list[dict]]) -> dict[str, torch.Tensor]:
         rows = [item if isinstance(item, list) else [item] for item in items]
@@ -75,6 +86,8 @@ class ConversationCollator:
         for r, n in enumerate(lengths):
             if n > self.max_length:
                 raise CollateError(f"batch row {r} has {n} tokens, more than max_length={self.max_length}")
+        if self.flatten:
+            return self._documents([s for row in rows for s in row])
         T = max(lengths)
         m = self.pad_to_multiple_of
         T = min(-(-T // m) * m, max(self.max_length, T)) if m else T
@@ -114,6 +127,28 @@ class ConversationCollator:
             "position_ids": position_ids,
             "attention_mask": attention_mask,
             "sample_index": sample_index,
+        }
+
+
+    @staticmethod
+    def _documents(samples: list[dict]) -> dict[str, torch.Tensor]:
+        """One row ``[1, N]`` of ``samples`` back to back (the documents layout)."""
+        ids, labels, positions, owner = [], [], [], []
+        for k, s in enumerate(samples):
+            n = len(s["input_ids"])
+            if len(s["labels"]) != n:
+                raise CollateError(f"sample {k}: {n} input ids but {len(s['labels'])} labels")
+            ids.append(torch.as_tensor(s["input_ids"], dtype=torch.long))
+            lab = torch.as_tensor(s["labels"], dtype=torch.long).clone()
+            lab[0] = IGNORE_INDEX  # a sample's first token would be "predicted" from the previous sample's last one
+            labels.append(lab)
+            positions.append(torch.arange(n))
+            owner.append(torch.full((n,), k, dtype=torch.long))
+        return {
+            "input_ids": torch.cat(ids)[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(positions)[None],
+            "sample_index": torch.cat(owner)[None],
         }
 
 

@@ -12,19 +12,27 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar length, in an order fixed by ``(seed, epoch)``.
 
     Indices are shuffled, cut into mega-batches of ``group_size`` batches, sorted by length inside each
-    mega-batch (less padding), cut into batches, and the batches shuffled again. With ``num_replicas``
-    > 1 each rank takes every ``num_replicas``-th batch. ``state_dict`` records the epoch and how many
-    batches were handed out, so a resumed run continues with the very next batch.
+    mega-batch (less padding), cut into batches, and the batches shuffled again. ``state_dict`` records
+    the epoch and how many batches were handed out, so a resumed run continues with the very next batch.
+
+    The order of the batches depends only on ``(lengths, batch_size, seed, epoch)``, never on the number
+    of ranks: with ``num_replicas`` > 1 each rank takes every ``num_replicas``-th batch, so optimizer
+    step ``k`` (``num_replicas * accumulation`` batches) always consumes batches
+    ``[k * n, (k + 1) * n)`` of that one order, whatever the split of ``n`` into ranks and accumulation.
+    An epoch is a whole number of such steps: the last ``< n`` batches are dropped.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 group_size: int = 50, drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
+                 group_size: int = 50, drop_last: bool = False, num_replicas: int = 1, rank: int = 0,
+                 accumulation: int = 1):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if accumulation < 1:
+            raise ValueError("accumulation must be >= 1")
         self.lengths = list(lengths)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.group_size, self.drop_last = group_size, drop_last
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.accumulation = num_replicas, rank, accumulation
         self.epoch = 0
         self._start = 0  # batches of the current epoch already consumed (set when resuming)
 
@@ -45,7 +53,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches = [batches[i] for i in perm]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
-        usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
+        per_step = self.num_replicas * self.accumulation
+        usable = len(batches) - len(batches) % per_step
         return batches[:usable][self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -27,6 +27,7 @@ from transformers import ChameleonConfig
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
 from chameleon_ft.errors import CheckpointError
+from chameleon_ft.model.attention import resolve_attn_implementation
 from chameleon_ft.model.json_file import parse_json, read_json
 from chameleon_ft.model.modeling import FT_CONFIG_DEFAULTS, ChameleonFTForCausalLM
 from chameleon_ft.model.qk_norm import expand_qk_norm, group_qk_norm
@@ -416,7 +417,7 @@ def load_model(
         raise TypeError(f"unknown model options {sorted(unknown)}; valid: {sorted(FT_CONFIG_DEFAULTS)}")
     path = Path(path)
     config = load_config(path, **overrides)
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = resolve_attn_implementation(attn_implementation, torch.device(device).type)
     with torch.device("meta"):
         model = ChameleonFTForCausalLM(config)
     expected = model.state_dict()

@@ -28,6 +28,7 @@ from transformers.models.chameleon.modeling_chameleon import (
     ChameleonRotaryEmbedding,
 )
 
+from chameleon_ft.model.attention import attention_kwargs
 from chameleon_ft.model.loss import LossSums, fused_lm_loss
 from chameleon_ft.model.qk_norm import GroupedQKNorm
 
@@ -187,8 +188,17 @@ class ChameleonFTForCausalLM(ChameleonForConditionalGeneration):
 
         ``cache`` is the KV cache (transformers' current name; a caller's ``past_key_values`` reaches the stock
         model's own deprecation shim through ``kwargs``).
+
+        A ``[1, N]`` row of packed documents (position ids restarting at each, no ``attention_mask``)
+        gets its document boundaries in the form the attention implementation reads
+        (:mod:`chameleon_ft.model.attention`).
         """
         kwargs.pop("pixel_values", None)
+        if labels is not None and use_cache is None:
+            use_cache = False  # training never reads a KV cache; building one costs memory and hides packing
+        kv_cache = cache if cache is not None else kwargs.get("past_key_values")
+        kwargs.update(attention_kwargs(self.config._attn_implementation, position_ids, attention_mask, kv_cache,
+                                       kwargs))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -20,6 +20,7 @@ from weakref import proxy
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from chameleon_ft.training.checkpoint_format import is_sharded
 from chameleon_ft.training.health import check_finite_weights
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -39,7 +40,7 @@ def is_complete_checkpoint(path: str | Path) -> bool:
     if checkpoint_step(path) is None:
         return False
     if path.is_dir():
-        return (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+        return is_sharded(path)
     return path.is_file() and zipfile.is_zipfile(path)
 
 

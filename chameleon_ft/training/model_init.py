@@ -25,6 +25,7 @@ from torch import nn
 from chameleon_ft.adapter import attach_adapters, base_model, base_weight_name, clean_name, reset_token_deltas_
 from chameleon_ft.adapter.attach import TOKEN_DELTA, zero_image_lm_head_
 from chameleon_ft.errors import CheckpointError
+from chameleon_ft.model.attention import check_trainable, resolve_attn_implementation
 from chameleon_ft.model.checkpoint import (
     check_stored_dtypes,
     iter_tensors,
@@ -158,14 +159,16 @@ def build_train_model(
     ``shard_fn`` (FSDP2) selects the meta-device path described in the module docstring.
     """
     device = torch.device(device)
+    attn = resolve_attn_implementation(model_cfg.attn_implementation, device.type)
+    check_trainable(attn, device.type)
     if shard_fn is None:
-        model = load_model(path, dtype=base_dtype, device=device, attn_implementation=model_cfg.attn_implementation,
+        model = load_model(path, dtype=base_dtype, device=device, attn_implementation=attn,
                            **config_overrides(model_cfg))
         return prepare_for_training(model, model_cfg, peft_cfg, device=device, base_dtype=base_dtype, seed=seed)
 
     path = Path(path)
     config = load_config(path, **config_overrides(model_cfg))
-    config._attn_implementation = model_cfg.attn_implementation
+    config._attn_implementation = attn
     with torch.device("meta"):
         model = ChameleonFTForCausalLM(config)
     expected = model.state_dict()

@@ -162,7 +162,10 @@ class ChameleonLitModule(L.LightningModule):
         if self._step_time is not None:
             metrics["train/tokens_per_s"] = tokens_in / max(now - self._step_time, 1e-9)
         self._step_time = now
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
+        # Only on the steps the loggers write (log_every_n_steps): each self.log costs Lightning ~0.2 ms of
+        # Python (it moves and deep-copies its result record), 1-2 % of a small model's step.
+        if self.trainer._logger_connector.should_update_logs:
+            self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", metrics["train/loss"], on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
     def _run_facts(self) -> dict:

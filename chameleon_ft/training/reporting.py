@@ -48,7 +48,8 @@ class RunReport(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         value = trainer.callback_metrics.get("train/tokens_per_s")
-        if value is not None:
+        # Train metrics are logged every log_every_n_steps only: count each logged value once.
+        if value is not None and (not self.tokens_per_s or float(value) != self.tokens_per_s[-1]):
             self.tokens_per_s.append(float(value))
 
     def record(self, step: int, metrics: dict[str, float]) -> None:

@@ -3,7 +3,8 @@
 FSDP2: ``fully_shard`` on every decoder layer, then on the root (embeddings, final norm, ``lm_head``
 and the fused loss run inside the root's forward, where its parameters are gathered). On GPU the
 compute dtype is bf16 and gradients are reduced in fp32. Checkpoints are sharded directories
-(``torch.distributed.checkpoint``) holding only what trains when something is frozen.
+(``torch.distributed.checkpoint``) holding only what trains when something is frozen; they load at any
+world size, and so do single-file checkpoints of single-device/DDP runs (:mod:`.checkpoint_format`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
 from torch import nn
 
-from chameleon_ft.errors import ConfigError
+from chameleon_ft.errors import CheckpointError, ConfigError
+from chameleon_ft.training.checkpoint_format import (
+    METADATA,
+    is_sharded,
+    optimizer_parameter_names,
+    optimizer_state_by_name,
+)
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
-_METADATA = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint directory
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -71,6 +77,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         return state if keys is None else {k: v for k, v in state.items() if k in keys}
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a sharded checkpoint (DCP reshards it onto this run's ranks) or a single-file one from a
+        single-device/DDP run (each rank keeps its shard of the full tensors)."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_file():
+            return self._load_full_checkpoint(path, weights_only)
+        if not is_sharded(path):
+            raise FileNotFoundError(f"{path}: not a complete sharded checkpoint (no {METADATA})")
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -80,9 +93,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if not (path.is_dir() and (path / _METADATA).is_file()):
-            raise FileNotFoundError(f"{path}: not a complete sharded checkpoint (no {_METADATA})")
         module = self.model
         keys = self._keys()
         state = get_model_state_dict(module)
@@ -97,7 +107,33 @@ class FSDP2Strategy(ModelParallelStrategy):
             osd = {f"optimizer_{i}": get_optimizer_state_dict(module, opt)}
             load(osd, checkpoint_id=path)
             set_optimizer_state_dict(module, opt, optim_state_dict=osd[f"optimizer_{i}"])
-        return torch.load(path / _METADATA, weights_only=True if weights_only is None else weights_only)
+        return torch.load(path / METADATA, weights_only=True if weights_only is None else weights_only)
+
+    def _load_full_checkpoint(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
+        module, keys = self.model, self._keys()
+        state = checkpoint["state_dict"]
+        if keys is not None:
+            missing = sorted(keys - set(state))
+            if missing:
+                raise CheckpointError(f"{path}: lacks trained tensors {missing[:5]} "
+                                      "(was it made with another peft config?)")
+            state = {k: v for k, v in state.items() if k in keys}
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(module, state, options=full)
+        saved = checkpoint.get("optimizer_states", [])
+        if len(saved) != len(self.optimizers):
+            raise CheckpointError(f"{path}: {len(saved)} optimizer states for {len(self.optimizers)} optimizers")
+        for opt, osd in zip(self.optimizers, saved):
+            by_name = optimizer_state_by_name(osd, optimizer_parameter_names(module, opt))
+            set_optimizer_state_dict(module, opt, optim_state_dict=by_name, options=full)
+        return checkpoint
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
         pass  # loaded in load_checkpoint

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_ft.errors import ConfigError, RunInterrupted
+from chameleon_ft.training.checkpoint_format import PortableCheckpointIO
 from chameleon_ft.training.checkpointing import CHECKPOINT_SUBDIR, AtomicCheckpoint, find_resume_checkpoint
 from chameleon_ft.training.dataloading import ResumableDataLoader, build_dataloaders, trainer_progress
 from chameleon_ft.training.health import check_finite_weights
@@ -135,6 +136,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None)
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # our batch samplers shard by rank and keep their position
+        plugins=[PortableCheckpointIO()],  # resumes from a sharded (FSDP2) checkpoint under any strategy
         enable_checkpointing=True,
         **optional,
     )

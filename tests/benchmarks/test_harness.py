@@ -91,3 +91,51 @@ def test_a_worker_started_by_a_large_process_measures_only_its_own_peak():
     delta = int(out.stdout.strip().splitlines()[-1])
     assert 60 * 2**20 <= delta < 160 * 2**20
     del ballast
+
+
+def test_packed_attention_modes_train_the_same_rows(tiny_grouped):
+    from benchmarks.packed_attention import document_lengths, measure
+
+    lengths = document_lengths(4096, seed=3)
+    assert sum(lengths) == 4096 and min(lengths[:-1]) >= 16 and len(lengths) > 3
+    dense = measure("dense", str(tiny_grouped), "cpu", steps=2, warmup=0, threads=1, seq=2048)
+    docs = measure("sdpa_documents", str(tiny_grouped), "cpu", steps=2, warmup=0, threads=1, seq=2048)
+    assert dense["mask_bytes"] == 2048 * 2048 and docs["mask_bytes"] == 0
+    assert docs["loss0"] == pytest.approx(dense["loss0"], rel=1e-5)
+    assert dense["documents_per_row"] == docs["documents_per_row"] and min(dense["documents_per_row"]) > 1
+
+
+def test_training_throughput_synthetic_samples_are_long_tailed_with_an_image_each(tiny_grouped):
+    from benchmarks.training_throughput import MAX_LENGTH, synthetic_samples, target_tokens
+    from chameleon_ft.data.image_layout import ids_to_image, image_spans
+    from chameleon_ft.model.assets import CheckpointAssets
+
+    assets = CheckpointAssets.open(tiny_grouped)
+    samples = synthetic_samples(str(tiny_grouped), 200)
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    assert lengths[-1] <= MAX_LENGTH and lengths[-1] > 3 * lengths[len(lengths) // 2]  # a long tail
+    for s in samples:
+        (start, end), = image_spans(s["input_ids"], assets.tokens)
+        codes, _ = ids_to_image(s["input_ids"][start:end], assets.tokens, assets.image_layout())
+        assert codes.shape == (assets.vq_resolution // 16,) * 2
+        assert all(t == -100 for t in s["labels"][:end])  # the image and question are never targets
+    assert target_tokens(samples) == sum(sum(t != -100 for t in s["labels"]) for s in samples) > 0
+
+
+def test_a_worker_result_is_read_after_output_that_ends_mid_line(monkeypatch, capsys):
+    import sys
+    import types
+
+    from benchmarks import _worker
+    from benchmarks.common import RESULT_PREFIX
+
+    def measure_with_a_bar():
+        sys.stdout.write("\rtraining 45/45 [00:03]")  # how a progress bar leaves stdout: no newline
+        return {"figure": 1.5}
+
+    monkeypatch.setitem(sys.modules, "benchmarks.bar_fake", types.SimpleNamespace(measure=measure_with_a_bar))
+    monkeypatch.setattr(sys, "argv", ["_worker", json.dumps({"module": "bar_fake", "function": "measure",
+                                                             "kwargs": {}})])
+    _worker.main()
+    results = [line for line in capsys.readouterr().out.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert [json.loads(line[len(RESULT_PREFIX):]) for line in results] == [{"figure": 1.5}]

@@ -121,9 +121,11 @@ def loader_factory(n_train: int = 48, n_val: int = 8, global_batch: int = 8, sam
         val = token_samples(model_path, n_val, seed=2)
         if sampler == "global":
             bs = GlobalBatchSampler(n_train, global_batch, seed=int(cfg.seed), num_replicas=world_size, rank=rank)
-        else:
-            bs = LengthGroupedBatchSampler([len(s["input_ids"]) for s in train], global_batch // world_size,
-                                           seed=int(cfg.seed), num_replicas=world_size, rank=rank, group_size=2)
+        else:  # the global batch is fixed; devices x accumulation split it
+            accumulation = int(cfg.trainer.accumulate_grad_batches)
+            per_device = global_batch // (world_size * accumulation)
+            bs = LengthGroupedBatchSampler([len(s["input_ids"]) for s in train], per_device, seed=int(cfg.seed),
+                                           num_replicas=world_size, rank=rank, group_size=2, accumulation=accumulation)
         vbs = GlobalBatchSampler(n_val, 4, seed=0, num_replicas=world_size, rank=rank)
         vbs._batches = lambda v=vbs: [list(range(s, s + 4))[v.rank * (4 // v.num_replicas):(v.rank + 1) * (4 // v.num_replicas)]
                                       for s in range(0, n_val, 4)]

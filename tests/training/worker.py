@@ -1,6 +1,7 @@
 """A training run in its own process(es), for the FSDP and kill-and-resume tests.
 
-``python tests/training/worker.py RUN_DIR CHECKPOINT_DIR JSON_OVERRIDES [--sampler global|length] [--delay S]``.
+``python tests/training/worker.py RUN_DIR CHECKPOINT_DIR JSON_OVERRIDES [--sampler global|length] [--delay S]
+[--global-batch N]``.
 Under FSDP Lightning re-runs this same command line for every other rank. Each rank writes
 ``RUN_DIR/rank<r>.json`` with its local/global parameter sizes.
 """
@@ -26,7 +27,7 @@ class ShardReport(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(self.run_dir / "batches.txt", "a") as f:
-            f.write(f"{trainer.global_step} {int(batch['input_ids'].sum())}\n")
+            f.write(f"{trainer.global_step} {int(batch['input_ids'].sum())} {trainer.global_rank}\n")
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         if self.delay:
@@ -52,11 +53,12 @@ def main():
     ap.add_argument("overrides")
     ap.add_argument("--sampler", default="global")
     ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--global-batch", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)
     run_dir = Path(args.run_dir)
     cfg = make_cfg(args.checkpoint, **json.loads(args.overrides))
-    train(cfg, run_dir, loader_factory=loader_factory(sampler=args.sampler),
+    train(cfg, run_dir, loader_factory=loader_factory(sampler=args.sampler, global_batch=args.global_batch),
           callbacks=[ShardReport(run_dir, args.delay)])
 
 
