@@ -131,6 +131,7 @@ def write_workspace(root: Path) -> None:
         "task: captioning\noptim:\n  lr: 2.0e-3\n")
     (root / "questions.jsonl").write_text("".join(
         json.dumps({"prompt": "What digit is this?", "image": f"images/{i}.png"}) + "\n" for i in picks[:4]))
+    (root / "interleaved.jsonl").write_text(json.dumps({"prompt": "Write the digit 3 in words and then draw it"}) + "\n")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Draw the digit {d}"}) + "\n" for d in (3, 7)))
     Image.open(root / "images" / f"{picks[0]}.png").verify()
 
@@ -157,6 +158,8 @@ def test_readme_commands_run_as_written(tmp_path, tiny_grouped):
     # What README promises about the runs it shows.
     assert (tmp_path / "runs" / "vqa" / "adapter" / "chameleon_ft.json").exists()
     assert sorted(p.name for p in (tmp_path / "drawn").glob("*.png")) == ["00000.png", "00001.png"]
+    assert sorted(p.name for p in (tmp_path / "drawn-sjd").glob("*.png")) == ["00000.png", "00001.png"]
+    assert (tmp_path / "interleaved" / "outputs.md").exists()
     adapter_eval = json.loads((tmp_path / "runs" / "vqa" / "eval-val.json").read_text())["metrics"]
     merged_eval = json.loads((tmp_path / "merged-vqa-eval.json").read_text())["metrics"]
     assert merged_eval["acc"] == adapter_eval["acc"]  # the expanded merge keeps the adapter's image layout

@@ -120,7 +120,9 @@ def test_changed_global_batch_warns_and_continues_after_the_consumed_samples(ref
     saved = ref / "checkpoints" / f"step-{KILL_AFTER:08d}.ckpt"
     shutil.copytree(saved, run / "checkpoints" / saved.name)
     # One process, no accumulation, the same per-device batch: 4 samples per step instead of 8; 2 more steps.
-    proc = resume(run, ckpt, {**RUN, "trainer.devices": 1, "trainer.max_steps": KILL_AFTER + 2}, "--global-batch", "4")
+    # A changed global batch changes what is learnt: refused unless allowed deliberately (test_resume_check).
+    proc = resume(run, ckpt, {**RUN, "trainer.devices": 1, "trainer.max_steps": KILL_AFTER + 2,
+                              "resume_allow": ["global_batch"]}, "--global-batch", "4")
     assert "the global batch changed" in proc.stderr
     assert "samples per optimizer step (per-device batch 4 x 2 device(s) x 1 accumulation)" in proc.stderr
     assert "this run takes 4 (4 x 1 x 1)" in proc.stderr
