@@ -62,6 +62,8 @@ class Format:
     description: ClassVar[str]
     tasks: ClassVar[tuple[str, ...] | None] = None  # the tasks it can produce; None: any
     rules: ClassVar[MarkerRules] = MarkerRules()
+    # The image scorer (chameleon_ft.evaluation.image_scorers) that judges generated images of this data.
+    image_scorer: ClassVar[str | None] = None
 
     # -- which files a split reads ------------------------------------------------------------------------
     def split_inputs(self, cfg, split: str) -> SplitInputs:

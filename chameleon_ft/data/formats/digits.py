@@ -130,6 +130,7 @@ class DigitsFormat(Format):
     name = "digits"
     description = "bundled: scikit-learn's handwritten digits for captioning, vqa and text_to_image"
     tasks = tuple(TASK_FIELDS)
+    image_scorer = "digit_classifier"  # val/image_match: a classifier reads the drawn digit
 
     def split_inputs(self, cfg, split: str) -> SplitInputs:
         return SplitInputs({})
