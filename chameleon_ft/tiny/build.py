@@ -4,12 +4,16 @@ It is a real model directory -- ``config.json`` with ``vocabulary_map`` and ``vq
 safetensors with an index, ``tokenizer.json`` with Chameleon's special-token names (at ids that
 differ from 7B's), and Meta's ``tokenizer/vqgan.yaml`` + ``vqgan.ckpt`` with encoder and decoder --
 so tests and default recipes exercise the same loading code as a 7B checkpoint. The VQGAN's codebook
-and decoder are fitted to the bundled digit scans so that image tokens carry information.
+and decoder are fitted to the bundled digits' train split so that image tokens carry information, and
+the language model is briefly pretrained on the same images with their digit (:mod:`chameleon_ft.tiny.pretrain`),
+as real Chameleon was pretrained before anyone fine-tuned it. Held-out (val/test) digits never reach it.
+The build runs on one thread, so that the same seed gives the same weights on any machine.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -18,15 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import ChameleonConfig
+from transformers import ChameleonConfig, PreTrainedTokenizerFast
 
 from chameleon_ft.model.checkpoint import save_state_dict
 from chameleon_ft.model.modeling import ChameleonFTForCausalLM
-from chameleon_ft.model.tokens import NAMES, SIZE_TOKEN_BASE, image_token_name
+from chameleon_ft.model.tokens import NAMES, SIZE_TOKEN_BASE, ChameleonTokens, image_token_name
+from chameleon_ft.tiny.pretrain import (
+    PretrainSettings, pretrain, pretraining_documents, pretraining_texts, train_digits,
+)
 from chameleon_ft.vq.vqgan import VQGAN, VQGANConfig, VQGANError, save_meta_vqgan, vq_config_dict, vqgan_hf_state_dict
 
 # Bump when the tiny checkpoint's contents change, so stale caches are rebuilt.
-TINY_VERSION = 5
+TINY_VERSION = 6
 MAX_SIZE_TOKENS = 33  # <reserved08800> .. <reserved08832>: sides up to 1024 px
 
 TINY_MODEL = dict(
@@ -45,6 +52,8 @@ TINY_VQ = dict(
     ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[], dropout=0.0, double_z=False,
 )
 IMAGE_SIZE = 64  # 16x downsampling -> 4x4 codes per image
+VQGAN_DECODER_STEPS = 150
+PRETRAIN_LAYOUT = "lumina"  # the image layout of the grouped (default) tiny checkpoint
 # Text the tiny BPE is trained on: the bundled recipes' prompts plus plain English.
 _CORPUS = [
     "What digit is this? Is it even? Is it odd? Is it greater than five? Is it less than five? yes no",
@@ -78,7 +87,7 @@ def build_tokenizer_json(num_codes: int) -> str:
     from chameleon_ft.tasks import get_task
 
     templates = [get_task(t).prompt_template for t in ("captioning", "vqa", "text_to_image")]
-    corpus = _CORPUS + templates + ["Is this digit even? Is this digit greater than five?"]
+    corpus = _CORPUS + templates + pretraining_texts() + ["Is this digit even? Is this digit greater than five?"]
     tok.train_from_iterator(corpus * 8, trainer)
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
@@ -87,17 +96,6 @@ def build_tokenizer_json(num_codes: int) -> str:
     for code in range(num_codes):
         vocab[image_token_name(code)] = start + code
     return json.dumps(data, ensure_ascii=False)
-
-
-def digit_images(size: int = IMAGE_SIZE) -> torch.Tensor:
-    """All bundled digit scans as ``[N, 3, size, size]`` in [-1, 1] (dark ink on white)."""
-    from sklearn.datasets import load_digits
-
-    from chameleon_ft.data.formats.digits import render_digit
-    from chameleon_ft.vq.preprocess import pil_to_tensor
-
-    scans = load_digits().images
-    return torch.stack([pil_to_tensor(render_digit(s, size)) for s in scans])
 
 
 def _init_lm_weights(model: ChameleonFTForCausalLM, seed: int) -> None:
@@ -186,6 +184,9 @@ def fit_tiny_vqgan(
             quant = vqgan.quantize.embedding(codes).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         params = list(vqgan.decoder.parameters()) + list(vqgan.post_quant_conv.parameters())
         opt = torch.optim.Adam(params, lr=lr)
+        # Cosine decay to a tenth: the same steps reconstruct better than at a constant rate.
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, decoder_steps)))))
         vqgan.decoder.train()
         steps = 0
         try:
@@ -196,6 +197,7 @@ def fit_tiny_vqgan(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 if time.monotonic() - start > max_seconds:
                     break
         finally:
@@ -206,17 +208,24 @@ def fit_tiny_vqgan(
     return {"steps": float(steps), "seconds": time.monotonic() - start, "mse_before": mse_before, "mse_after": probe_mse()}
 
 
-def build_tiny_checkpoint(out_dir: str | Path, layout: str = "grouped", seed: int = 0) -> Path:
+def build_tiny_checkpoint(out_dir: str | Path, layout: str = "grouped", seed: int = 0, *,
+                          pretraining: PretrainSettings | None = None) -> Path:
     """Write the tiny checkpoint to ``out_dir`` in q/k-norm ``layout``; the same seed gives the same model.
 
-    The caller's global RNG state is left as it was: a run that builds the checkpoint on first use draws
-    the same random numbers afterwards as one that finds it cached.
+    ``pretraining``: how the language model is pretrained (default: :class:`PretrainSettings`).
+    The caller's global RNG state and thread count are left as they were: a run that builds the checkpoint
+    on first use draws the same random numbers afterwards as one that finds it cached.
     """
-    with torch.random.fork_rng(devices=[]):
-        return _build(Path(out_dir), layout, seed)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.random.fork_rng(devices=[]):
+            return _build(Path(out_dir), layout, seed, pretraining or PretrainSettings())
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _build(out_dir: Path, layout: str, seed: int) -> Path:
+def _build(out_dir: Path, layout: str, seed: int, pretraining: PretrainSettings) -> Path:
     work = out_dir.with_name(out_dir.name + ".build")
     shutil.rmtree(work, ignore_errors=True)
     (work / "tokenizer").mkdir(parents=True)
@@ -224,7 +233,8 @@ def _build(out_dir: Path, layout: str, seed: int) -> Path:
     vq_cfg = VQGANConfig(**TINY_VQ)
     torch.manual_seed(seed)
     vqgan = VQGAN(vq_cfg)
-    fit_tiny_vqgan(vqgan, digit_images(vq_cfg.resolution), seed=seed, decoder_steps=150, max_seconds=3600)  # no wall-clock cut: deterministic
+    digits = train_digits(vq_cfg.resolution)
+    fit_tiny_vqgan(vqgan, digits.pixels, seed=seed, decoder_steps=VQGAN_DECODER_STEPS, max_seconds=3600)  # no wall-clock cut: deterministic
     save_meta_vqgan(vqgan, work / "tokenizer")
 
     tok_json = build_tokenizer_json(vq_cfg.n_embed)
@@ -245,10 +255,15 @@ def _build(out_dir: Path, layout: str, seed: int) -> Path:
         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
         **TINY_MODEL,
     )
-    with torch.device("meta"):
-        model = ChameleonFTForCausalLM(config)
-    model = model.to_empty(device="cpu")
+    model = ChameleonFTForCausalLM(config)  # on the CPU, not meta: pretraining needs its rotary buffers
     _init_lm_weights(model, seed)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(work / "tokenizer.json"), bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")  # as load_tokenizer reads it
+    tokens = ChameleonTokens.from_vocab(vocab, source="tiny checkpoint")
+    with torch.no_grad():
+        codes = [c for i in range(0, len(digits.pixels), 64) for c in vqgan.encode(digits.pixels[i : i + 64])]
+    docs = pretraining_documents(tokenizer, tokens, codes, digits.labels, PRETRAIN_LAYOUT, vq_cfg.resolution)
+    pretrain(model, docs, tokens.pad, pretraining, seed=seed)
     tensors = dict(model.state_dict())
     tensors.update(vqgan_hf_state_dict(vqgan))
     # ~1 MB shards: the tiny model is sharded with an index, like a real one.
