@@ -32,11 +32,11 @@ def test_every_recipe_runs_end_to_end(recipe, tmp_path, tiny_grouped):
         assert "val/acc" in metrics
     if recipe == "text_to_image":
         assert "val/image_token_accuracy" in metrics
-        assert 0 <= metrics["val/image_match"] <= 1 and 0 < metrics["val/image_match_ceiling"] <= 1
+        assert 0 <= metrics["val/image_match"] <= 1 and 0 <= metrics["val/image_match_ceiling"] <= 1
         assert list((run / "samples").glob("*.png"))
-        res = run_cli(["recipe=text_to_image", f"adapter={run / 'adapter'}", "data.max_samples=16", "eval.max_samples=4"],
-                      tmp_path, module="chameleon_ft.evaluate")
-        assert res.returncode == 0, res.stderr[-3000:]
+        evaluated = run_cli(["recipe=text_to_image", f"adapter={run / 'adapter'}", "data.max_samples=16",
+                             "eval.max_samples=4"], tmp_path, module="chameleon_ft.evaluate")
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
         record = json.loads((run / "eval-val.json").read_text())
         assert 0 <= record["metrics"]["image_match"] <= 1 and record["metrics"]["num_samples"] == 4
         assert len((run / "eval-val.predictions.jsonl").read_text().splitlines()) == 4
