@@ -32,7 +32,14 @@ def test_every_recipe_runs_end_to_end(recipe, tmp_path, tiny_grouped):
         assert "val/acc" in metrics
     if recipe == "text_to_image":
         assert "val/image_token_accuracy" in metrics
+        assert 0 <= metrics["val/image_match"] <= 1 and 0 <= metrics["val/image_match_ceiling"] <= 1
         assert list((run / "samples").glob("*.png"))
+        evaluated = run_cli(["recipe=text_to_image", f"adapter={run / 'adapter'}", "data.max_samples=16",
+                             "eval.max_samples=4"], tmp_path, module="chameleon_ft.evaluate")
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        record = json.loads((run / "eval-val.json").read_text())
+        assert 0 <= record["metrics"]["image_match"] <= 1 and record["metrics"]["num_samples"] == 4
+        assert len((run / "eval-val.predictions.jsonl").read_text().splitlines()) == 4
     assert (run / "adapter" / "adapter_config.json").exists()
     assert list((run / "checkpoints").glob("*.ckpt"))
     saved = (run / "config.yaml").read_text()

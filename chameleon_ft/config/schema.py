@@ -114,7 +114,7 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    """Generation-based validation metrics (VQA accuracy, captioning BLEU/CIDEr, image samples)."""
+    """Generation-based validation metrics (VQA accuracy, captioning BLEU/CIDEr, image content, image samples)."""
 
     max_new_tokens: int = 8
     max_samples: Optional[int] = None
@@ -126,6 +126,8 @@ class EvalConfig:
     # Caption tokenization before BLEU/CIDEr: auto (coco-caption's own PTB tokenizer when java is on PATH,
     # else our Java-free equal) | ptb-java | ptb-python.
     caption_tokenizer: str = "auto"
+    # text-to-image: a local CLIP directory (transformers CLIPModel + CLIPProcessor); adds val/clip_score.
+    clip_model: Optional[str] = None
 
 
 @dataclass

@@ -4,6 +4,9 @@
   by the task (VQAv2 accuracy; BLEU-4, CIDEr-D; exact match);
 - image tasks (``text_to_image``): teacher-forced on the held-out (prompt, image) pairs: image-token
   accuracy (argmax over the image codes at every code position of the target image) and image perplexity;
+  and, where the data has image scorers, the content of one image drawn from every prompt (``image_match``
+  and ``image_match_ceiling`` for the digits, ``clip_score`` with ``eval.clip_model``; see
+  :mod:`chameleon_ft.evaluation.image_scores`);
 - every task: teacher-forced ``loss`` / ``perplexity`` over all target tokens.
 
 The split comes from :func:`chameleon_ft.data.pipeline.tokenized_split` (columns ``input_ids``, ``labels``,
@@ -143,9 +146,12 @@ def metric_settings(options: dict) -> dict:
 
 
 def evaluate_split(model, tokens: ChameleonTokens, tokenizer, samples, task: str, *, batch_size: int = 4,
-                   max_new_tokens: int = 16, max_samples: int | None = None,
-                   options: dict | None = None) -> tuple[dict[str, float], list[dict]]:
-    """Metrics for ``task`` on ``samples`` (a tokenized split or a list of its rows) and the predictions."""
+                   max_new_tokens: int = 16, max_samples: int | None = None, options: dict | None = None,
+                   image_scoring=None) -> tuple[dict[str, float], list[dict]]:
+    """Metrics for ``task`` on ``samples`` (a tokenized split or a list of its rows) and the predictions.
+
+    ``image_scoring`` (an :class:`~chameleon_ft.evaluation.image_scores.ImageScoring`): for an image task,
+    draw an image from every row's prompt and score it (each row's scores are its prediction record)."""
     from chameleon_ft.generation.generate import generate_text
 
     t = get_task(task)
@@ -164,6 +170,14 @@ def evaluate_split(model, tokens: ChameleonTokens, tokenizer, samples, task: str
         metrics.update(evaluate_predictions(task, [p["prediction"] for p in predictions],
                                             [r.get("meta") for r in rows], [r.get("target") for r in rows],
                                             **(options or {})))
+    if t.output == "image" and image_scoring is not None and image_scoring.scorers:
+        from chameleon_ft.evaluation.image_scores import mean_scores
+
+        metas = [_meta(r.get("meta")) for r in rows]
+        scores = image_scoring.score(image_scoring.draw(model, [r["prompt_ids"] for r in rows], batch_size), metas)
+        metrics.update(mean_scores(scores))
+        metrics.update(image_scoring.ceilings(rows, metas))
+        predictions = [{"scores": {k: v[i] for k, v in scores.items()}, "meta": m} for i, m in enumerate(metas)]
     metrics["num_samples"] = len(rows)
     return metrics, predictions
 
@@ -208,10 +222,15 @@ def evaluate(cfg, *, adapter: str | None = None, split: str = "val", output: str
     gen = Generator(assets, adapter, settings=settings or trained_settings(assets), dtype=dtype)
     rows = tokenized_split(data, assets, split)
     options = metric_options(cfg.eval)
+    image_scoring = None
+    if get_task(cfg.task).output == "image":
+        from chameleon_ft.evaluation.image_scores import ImageScoring
+
+        image_scoring = ImageScoring.build(data, cfg.eval, assets, seed=int(cfg.seed), device=gen.device)
     metrics, preds = evaluate_split(gen.model, assets.tokens, assets.tokenizer, rows, cfg.task,
                                     batch_size=int(data.eval_batch_size or 4),
                                     max_new_tokens=int(cfg.eval.max_new_tokens), max_samples=cfg.eval.max_samples,
-                                    options=options)
+                                    options=options, image_scoring=image_scoring)
     if output is None:
         output = (Path(adapter).parent if adapter is not None else Path.cwd()) / f"eval-{split}.json"
     output = Path(output)

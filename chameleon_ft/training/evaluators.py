@@ -2,8 +2,10 @@
 
 - text tasks: answers generated greedily from each held-out prompt, scored by the task (``val/acc`` and
   ``val/exact_match`` for VQA; ``val/bleu4``, ``val/cider``, ``val/exact_match`` for captioning);
-- image tasks: teacher-forced ``val/image_token_accuracy`` and ``val/image_perplexity``, and a grid of images
-  generated from the first held-out prompts (the run's own template), decoded by the VQGAN, saved under
+- image tasks: teacher-forced ``val/image_token_accuracy`` and ``val/image_perplexity``; the content metrics of
+  the data's image scorers (``val/image_match`` and its ``val/image_match_ceiling`` for the digits,
+  ``val/clip_score`` with ``eval.clip_model``) on one image drawn from every held-out prompt (the run's own
+  template; see :mod:`chameleon_ft.evaluation.image_scores`); and a grid of the first images, saved under
   ``<run_dir>/samples/`` and logged to TensorBoard.
 """
 
@@ -33,6 +35,8 @@ class TaskEvaluator:
         ds = tokenized_split(cfg.data, assets, "val", run_dir=run_dir)
         n = len(ds) if cfg.eval.max_samples is None else min(len(ds), int(cfg.eval.max_samples))
         self.rows = [ds[i] for i in range(n)]
+        self.image_scoring = None  # built at the first validation, on the model's device
+        self.ceilings: dict[str, float] | None = None
 
     def __call__(self, module) -> dict[str, float]:
         """The task's metrics over the held-out rows. Under several processes each rank takes a share of the
@@ -66,8 +70,7 @@ class TaskEvaluator:
             tf = teacher_forced_metrics(model, tokens, mine, batch_size=bs, counted=counted,
                                         sum_over_ranks=module._sum_over_ranks if world > 1 else None)
             out.update({f"val/{k}": tf[k] for k in ("image_token_accuracy", "image_perplexity") if k in tf})
-            if int(self.cfg.eval.image_samples) > 0:
-                self._image_samples(module, model)  # every rank draws (lockstep); rank 0 saves
+            out.update({f"val/{k}": v for k, v in self._images(module, model).items()})
         return out
 
     def _write_predictions(self, preds: list[str]) -> None:
@@ -76,19 +79,32 @@ class TaskEvaluator:
                  for p, r in zip(preds, self.rows)]
         (self.run_dir / PREDICTIONS_FILE).write_text("".join(line + "\n" for line in lines))
 
-    def _image_samples(self, module, model) -> None:
-        from chameleon_ft.generation.generate import generate_images
-        from chameleon_ft.vq.image_tokenizer import ImageTokenizer
+    def _images(self, module, model) -> dict[str, float]:
+        """Images drawn from the held-out prompts (every row when the data has image scorers, else the sample
+        grid's), scored; every rank draws its share (lockstep), rank 0 saves the grid of its first ones."""
+        from chameleon_ft.evaluation.image_scores import ImageScoring, mean_scores
 
         device = next(model.parameters()).device
-        size = int(self.cfg.data.image_size)
-        rows = self.rows[: int(self.cfg.eval.image_samples)]
-        results = generate_images(model, self.assets.tokens, [r["prompt_ids"] for r in rows], width=size, height=size,
-                                  layout=self.layout, cfg_scale=float(self.cfg.eval.cfg_scale), seed=int(self.cfg.seed))
-        decoder = ImageTokenizer(self.assets.vqgan(device), image_size=size)
-        if module.trainer.global_rank != 0:
-            return
-        grid = image_grid_of(decoder.decode([r["codes"] for r in results]))
+        if self.image_scoring is None:
+            self.image_scoring = ImageScoring.build(self.cfg.data, self.cfg.eval, self.assets, seed=int(self.cfg.seed),
+                                                    device=device)
+        scoring, n_grid = self.image_scoring, int(self.cfg.eval.image_samples)
+        rows = self.rows if scoring.scorers else self.rows[:n_grid]
+        if not rows:
+            return {}
+        world, rank = module.trainer.world_size, module.trainer.global_rank
+        mine, counted = rank_share(rows, rank, world)
+        images = scoring.draw(model, [r["prompt_ids"] for r in mine], int(self.cfg.data.eval_batch_size))
+        metas = [json.loads(r["meta"]) for r in mine[:counted]]
+        scores = {k: gather_in_order(v, world) for k, v in scoring.score(images[:counted], metas).items()}
+        if self.ceilings is None:  # the VQGAN is frozen: what its tokens allow is measured once
+            self.ceilings = scoring.ceilings(rows, [json.loads(r["meta"]) for r in rows])
+        if rank == 0 and n_grid > 0:
+            self._save_grid(module, images[: min(n_grid, counted)])
+        return {**mean_scores(scores), **self.ceilings}
+
+    def _save_grid(self, module, images) -> None:
+        grid = image_grid_of(images)
         out = self.run_dir / "samples" / f"step-{module.global_step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)

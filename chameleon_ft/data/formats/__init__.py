@@ -73,6 +73,8 @@ class Format:
     description: ClassVar[str]
     tasks: ClassVar[tuple[str, ...] | None] = None  # the tasks it can produce; None: any
     rules: ClassVar[MarkerRules] = MarkerRules()
+    # The image scorer (chameleon_ft.evaluation.image_scorers) that judges generated images of this data.
+    image_scorer: ClassVar[str | None] = None
     own_keys: ClassVar[tuple[str, ...]] = ()  # data.* keys only this format reads (others refuse them set)
 
     def check_config(self, cfg) -> None:

@@ -136,6 +136,7 @@ class DigitsFormat(Format):
     name = "digits"
     description = "bundled: scikit-learn's handwritten digits for captioning, vqa, text_to_image and interleaved"
     tasks = tuple(TASK_FIELDS)
+    image_scorer = "digit_classifier"  # val/image_match: a classifier reads the drawn digit
 
     def split_inputs(self, cfg, split: str) -> SplitInputs:
         return SplitInputs({})
