@@ -195,6 +195,12 @@ class GracefulStop(L.Callback):
         trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()  # a failed run must not leave Ctrl-C captured in the caller's process
+
+    def _restore(self) -> None:
         import signal
 
         for sig, previous in self._previous.items():

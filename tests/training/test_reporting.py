@@ -16,3 +16,17 @@ def test_best_step_follows_each_metrics_direction():
     assert better("val/z_loss", "val/acc", "max") == "min" and better("val/bleu4", "val/acc", "max") == "max"
     # A monitored loss-like metric follows monitor_mode, whatever its name says.
     assert better("val/loss", "val/loss", "max") == "max"
+
+
+def test_graceful_stop_gives_ctrl_c_back_when_the_run_fails():
+    import signal
+    from types import SimpleNamespace
+
+    from chameleon_ft.training.reporting import GracefulStop
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = GracefulStop()
+    stop.on_train_start(SimpleNamespace(), None)
+    assert signal.getsignal(signal.SIGINT) == stop._handler
+    stop.on_exception(SimpleNamespace(), None, RuntimeError("boom"))
+    assert signal.getsignal(signal.SIGINT) is before
