@@ -210,8 +210,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, loader_factory:
                             category=FutureWarning)
     run_dir = resolve_run_dir(run_dir).resolve()
     lock = RunDirLock(run_dir) if rank_zero_only.rank == 0 else nullcontext()
-    with lock:
-        return _train_locked(cfg, run_dir, loader_factory, evaluators, callbacks)
+    owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        with lock:
+            return _train_locked(cfg, run_dir, loader_factory, evaluators, callbacks)
+    finally:
+        # Lightning leaves the process group it created alive; gloo's threads then abort the interpreter at
+        # exit now and then ("terminate called without an active exception", status -6 after a good run).
+        if owns_process_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _train_locked(cfg: DictConfig, run_dir: Path, loader_factory, evaluators, callbacks) -> dict:
