@@ -41,7 +41,8 @@ SCHEMA = "chameleon_ft.gpu_check/1"
 DEFAULT_BUDGET_S = 450
 # Part: its own cap in seconds (it also never runs past the overall budget).
 CAPS = {"setup": 150, "tests": 240, "bench_ckpt_on": 120, "bench_ckpt_off": 120, "bench_full_ft": 60}
-TEST_FILES = ("tests/gpu/test_inference.py", "tests/gpu/test_training.py", "tests/gpu/test_fsdp.py")  # FSDP last
+TEST_FILES = ("tests/gpu/test_inference.py", "tests/gpu/test_training.py", "tests/gpu/test_packed_attention.py",
+              "tests/gpu/test_fsdp.py")  # FSDP last
 PER_TEST_TIMEOUT_S = 180
 RESERVE_S = 5  # kept back for writing the report
 BENCH_CASES = {"warmup": 3, "steps": 8}

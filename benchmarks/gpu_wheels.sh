@@ -13,7 +13,7 @@ DEST=.whl
 mkdir -p "$DEST"
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 # Not here: pycocoevalcap (100 MB of SPICE jars; only the captioning metrics import it).
-BINARY=(datasets dill multiprocess hydra-core omegaconf)
+BINARY=(datasets dill multiprocess hydra-core omegaconf ijson)
 SPECS=()
 for pkg in "${BINARY[@]}"; do SPECS+=("$pkg==$(version "$pkg")"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET" --implementation cp \
