@@ -7,7 +7,8 @@
 # Report: OUT.json, else $OUT/gpu_check.json when $OUT is set, else benchmarks/gpu_check.json.
 # Works from a fresh checkout on a bare GPU machine: it never reinstalls torch. The project runs from
 # the checkout (PYTHONPATH); Python packages the machine lacks come from wheels in .whl/ when present
-# (fetch them where a registry is reachable: bash benchmarks/gpu_wheels.sh), else from the registry.
+# (stage them, and the tiny checkpoint, where a registry is reachable: bash benchmarks/gpu_carry.sh), else
+# from the registry.
 #
 # Environment: GPU_CHECK_BUDGET_S (overall budget), GPU_CHECK_ALLOW_CPU=1 (no GPU: run the CPU twins and
 # the benchmark at a tiny shape, to check this script's plumbing), GPU_CHECK_TESTS_K (pytest -k filter),
@@ -59,7 +60,7 @@ if ! "$PY" -c "$IMPORTS" 2>/dev/null; then
   rm -f "$CONSTRAINTS"
 fi
 if ! "$PY" -c "$IMPORTS"; then
-  echo "gpu_check: the project cannot be imported (see above); no registry here? carry wheels: bash benchmarks/gpu_wheels.sh" >&2
+  echo "gpu_check: the project cannot be imported (see above); no registry here? carry wheels: bash benchmarks/gpu_carry.sh" >&2
   exit 2
 fi
 

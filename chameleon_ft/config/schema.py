@@ -120,6 +120,10 @@ class EvalConfig:
     max_samples: Optional[int] = None
     image_samples: int = 4  # text-to-image: decoded sample grid size per validation
     cfg_scale: float = 3.0
+    # text-to-image validation draws: top-k over the image codes and temperature (as generate's image_top_k
+    # and image_temperature). Lumina-mGPT's 2000 keeps every code of a small codebook.
+    image_top_k: int = 2000
+    image_temperature: float = 1.0
     # official: exactly GT-Vision-Lab's vqaEval.py (comparable with published numbers); always: normalise
     # every answer and prediction (not comparable).
     vqa_normalization: str = "official"

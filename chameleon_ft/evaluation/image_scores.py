@@ -42,6 +42,8 @@ class ImageScoring:
     size: int  # the generated images' side in pixels
     cfg_scale: float
     seed: int
+    top_k: int = 2000
+    temperature: float = 1.0
 
     @classmethod
     def build(cls, data_cfg, eval_cfg, assets: CheckpointAssets, *, seed: int, device="cpu") -> ImageScoring:
@@ -54,7 +56,8 @@ class ImageScoring:
         scorers = build_image_scorers(names, ScorerOptions(image_size=size, clip_model=clip_model, device=str(device)))
         decoder = ImageTokenizer(assets.vqgan(device), image_size=size)
         return cls(scorers, assets.tokens, decoder, assets.image_layout(str(data_cfg.image_layout)), size,
-                   float(eval_cfg.cfg_scale), int(seed))
+                   float(eval_cfg.cfg_scale), int(seed), int(eval_cfg.get("image_top_k", 2000)),
+                   float(eval_cfg.get("image_temperature", 1.0)))
 
     def draw(self, model, prompts: Sequence[Sequence[int]], batch_size: int) -> list[Image.Image]:
         """One image per prompt, generated in batches of ``batch_size`` (batch ``k`` seeded ``seed + k``)."""
@@ -64,7 +67,7 @@ class ImageScoring:
         for k, s in enumerate(range(0, len(prompts), batch_size)):
             results = generate_images(model, self.tokens, prompts[s : s + batch_size], width=self.size,
                                       height=self.size, layout=self.layout, cfg_scale=self.cfg_scale,
-                                      seed=self.seed + k)
+                                      image_top_k=self.top_k, temperature=self.temperature, seed=self.seed + k)
             codes += [r["codes"] for r in results]
         return self.decoder.decode(codes) if codes else []
 

@@ -283,7 +283,9 @@ def iter_tensors(path: str | Path, names: Iterable[str] | None = None,
         with open(fpath, "rb", buffering=0) as f:
             for name in sorted(by_file[fpath], key=lambda n: entries[n].start):
                 e = entries[name]
-                t = torch.empty(e.shape, dtype=_DTYPES[e.dtype])
+                # CPU explicitly: callers may run under another default device (Lightning's configure_model
+                # runs under torch.device(root_device)), and file reads land in host memory.
+                t = torch.empty(e.shape, dtype=_DTYPES[e.dtype], device="cpu")
                 if e.end > e.start:
                     view, got = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
                     f.seek(base + e.start)

@@ -70,9 +70,9 @@ def new_parameter_value(name: str, shape: torch.Size, seed: int) -> torch.Tensor
     if ".lora_A." in name:
         gen = torch.Generator().manual_seed(_name_seed(seed, name))
         bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, in]
-        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        return (torch.rand(shape, generator=gen, device="cpu") * 2 - 1) * bound
     if ".lora_B." in name or ".lora_embedding_B" in name:
-        return torch.zeros(shape)
+        return torch.zeros(shape, device="cpu")
     raise CheckpointError(f"parameter {name} is neither in the base checkpoint nor a known adapter weight")
 
 
@@ -156,9 +156,17 @@ def build_train_model(
 ) -> nn.Module:
     """The model ready to train: adapters attached, dtypes set, new weights seeded, sharded if asked.
 
-    ``shard_fn`` (FSDP2) selects the meta-device path described in the module docstring.
+    ``shard_fn`` (FSDP2) selects the meta-device path described in the module docstring. Placement is
+    explicit throughout, whatever the ambient default device: Lightning calls ``configure_model`` under
+    ``torch.device(root_device)``, which would put CPU-side reads and seeded draws on the GPU.
     """
-    device = torch.device(device)
+    with torch.device("cpu"):
+        return _build_train_model(model_cfg, peft_cfg, path, device=torch.device(device), base_dtype=base_dtype,
+                                  seed=seed, shard_fn=shard_fn)
+
+
+def _build_train_model(model_cfg, peft_cfg, path, *, device: torch.device, base_dtype: torch.dtype, seed: int,
+                       shard_fn) -> nn.Module:
     attn = resolve_attn_implementation(model_cfg.attn_implementation, device.type)
     check_trainable(attn, device.type)
     if shard_fn is None:

@@ -68,6 +68,25 @@ def test_meta_init_streaming_load_equals_plain_load(ckpt):
         torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=ka)
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "meta_init"])
+def test_ambient_default_device_does_not_leak_into_the_build(ckpt, sharded):
+    """Lightning runs configure_model under torch.device(root_device) (CUDA on a GPU: there the file reads
+    and seeded LoRA draws failed). A foreign default device (meta, the one a CPU machine has) must change
+    nothing: same parameters, bit for bit, on the asked device."""
+    cfg = make_cfg(ckpt, **{"peft.train_image_rows": True})
+    shard = {"shard_fn": (lambda m: m)} if sharded else {}
+    want = build_train_model(cfg.model, cfg.peft, ckpt, device=torch.device("cpu"), base_dtype=torch.float32, seed=3,
+                             **shard)
+    with torch.device("meta"):
+        got = build_train_model(cfg.model, cfg.peft, ckpt, device=torch.device("cpu"), base_dtype=torch.float32,
+                                seed=3, **shard)
+    a, b = dict(want.named_parameters()), dict(got.named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k].device.type == "cpu", k
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
 def test_zero_image_lm_head(ckpt):
     model = _build(ckpt, **{"model.zero_image_lm_head": True, "peft.method": "none"})
     lm = model

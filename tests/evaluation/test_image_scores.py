@@ -86,3 +86,23 @@ def test_evaluate_split_reports_image_match_for_every_row(setup):
     plain, _ = evaluate_split(model, assets.tokens, assets.tokenizer, rows, "text_to_image", batch_size=4,
                               max_samples=5)
     assert "image_match" not in plain  # without scorers: the teacher-forced metrics only
+
+
+def test_eval_image_top_k_and_temperature_reach_the_draws(setup):
+    """eval.image_top_k / eval.image_temperature steer validation draws: top-1 is the argmax whatever the
+    seed, and equals generate_images' own top-1 draw."""
+    from chameleon_ft.generation.generate import generate_images
+
+    data, assets, rows = setup
+    model = load_model(assets.path).eval()
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), {"image_top_k": 1, "image_temperature": 0.5})
+    scoring = ImageScoring.build(data, cfg, assets, seed=5)
+    assert (scoring.top_k, scoring.temperature) == (1, 0.5)
+    prompts = [r["prompt_ids"] for r in rows[:2]]
+    a = scoring.draw(model, prompts, batch_size=2)
+    scoring.seed = 6
+    b = scoring.draw(model, prompts, batch_size=2)
+    assert [np.asarray(x).tolist() for x in a] == [np.asarray(x).tolist() for x in b]
+    ref = generate_images(model, assets.tokens, prompts, width=64, height=64, layout=scoring.layout,
+                          cfg_scale=scoring.cfg_scale, image_top_k=1, seed=0)
+    assert [np.asarray(x).tolist() for x in a] == [np.asarray(x).tolist() for x in scoring.decoder.decode([r["codes"] for r in ref])]
