@@ -1,8 +1,8 @@
 """GPU only: tokens/s and MFU of LoRA fine-tuning on a 7B-shaped Chameleon, and its peak memory.
 
 Each measurement is one fresh worker process running our training code path: the config composed as
-``python -m chameleon_ft recipe=text_to_image model=lumina_mgpt_7b trainer=gpu`` composes it (LoRA on
-all linear layers, bf16 frozen base, fp32 adapters, bf16-mixed autocast, fused chunked loss), the
+``python -m chameleon_ft recipe=text_to_image model=lumina_mgpt_7b trainer=gpu peft.train_image_rows=false``
+composes it (LoRA alone, on all linear layers, bf16 frozen base, fp32 adapters, bf16-mixed autocast, fused chunked loss), the
 :class:`ChameleonLitModule` and :func:`build_trainer`. Only the weights differ: a random base of the
 real 7B layer shapes (hidden 4096, MLP 11008, 32 heads of 128, grouped q/k norm ``[1, 128]``,
 vocabulary 65,536) is built on the GPU instead of read from disk, so no 14 GB checkpoint is needed.
@@ -97,7 +97,8 @@ def run_config(device: str, act_ckpt: bool, steps: int, peft: str = PEFT, attn: 
     from chameleon_ft.config.store import compose
 
     overrides = [
-        "recipe=text_to_image", "model=lumina_mgpt_7b", f"peft={peft}",
+        # LoRA alone: the recipe trains image rows for the random tiny base; a pretrained 7B has them.
+        "recipe=text_to_image", "model=lumina_mgpt_7b", f"peft={peft}", "peft.train_image_rows=false",
         f"model.activation_checkpointing={str(act_ckpt).lower()}", f"model.attn_implementation={attn}",
         f"trainer.max_steps={steps}", "trainer.val_check_interval=null", "trainer.devices=1",
         "trainer.enable_progress_bar=false", "logger.tensorboard=false", "logger.csv=false",

@@ -26,11 +26,11 @@ from transformers import ChameleonConfig
 
 from chameleon_ft.model.checkpoint import save_state_dict
 from chameleon_ft.model.modeling import ChameleonFTForCausalLM
-from chameleon_ft.model.tokens import NAMES, SIZE_TOKEN_BASE, image_token_name
+from chameleon_ft.model.tokens import NAMES, SIZE_TOKEN_BASE, ChameleonTokens, image_token_name
 from chameleon_ft.vq.vqgan import VQGAN, VQGANConfig, VQGANError, save_meta_vqgan, vq_config_dict, vqgan_hf_state_dict
 
 # Bump when the tiny checkpoint's contents change, so stale caches are rebuilt.
-TINY_VERSION = 9
+TINY_VERSION = 10
 MAX_SIZE_TOKENS = 33  # <reserved08800> .. <reserved08832>: sides up to 1024 px
 
 TINY_MODEL = dict(
@@ -118,6 +118,26 @@ def _init_lm_weights(model: ChameleonFTForCausalLM, seed: int) -> None:
                 p.fill_(1.0)
             else:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def codebook_image_rows_(model: ChameleonFTForCausalLM, codebook: torch.Tensor, tokens: ChameleonTokens,
+                         seed: int) -> None:
+    """Image-token rows of ``embed_tokens`` and ``lm_head`` from the VQ codebook, through a fixed random
+    projection scaled to the other rows' std.
+
+    A pretrained Chameleon's image-token embeddings put codes that look alike close together; random rows
+    make every code a stranger, and a short fine-tune then spends itself learning 256 lookups. Codebook
+    geometry gives the tiny base that prior for free (no pretraining, nothing held out is involved: the
+    codebook is fitted on the train split).
+    """
+    gen = torch.Generator().manual_seed(seed + 1234)
+    ids = tokens.image_token_ids
+    codes = tokens.ids_to_codes(ids)
+    centred = codebook.float() - codebook.float().mean(0)
+    with torch.no_grad():
+        for weight in (model.get_input_embeddings().weight, model.lm_head.weight):
+            rows = centred @ torch.randn(centred.shape[1], weight.shape[1], generator=gen)
+            weight[ids] = (rows / rows.std() * weight.std())[codes].to(weight.dtype)
 
 
 def fit_tiny_vqgan(
@@ -259,6 +279,7 @@ def _build(out_dir: Path, layout: str, seed: int) -> Path:
         model = ChameleonFTForCausalLM(config)
     model = model.to_empty(device="cpu")
     _init_lm_weights(model, seed)
+    codebook_image_rows_(model, vqgan.quantize.embedding.weight.detach(), ChameleonTokens.from_vocab(vocab), seed)
     tensors = dict(model.state_dict())
     tensors.update(vqgan_hf_state_dict(vqgan))
     # ~1 MB shards: the tiny model is sharded with an index, like a real one.

@@ -81,3 +81,33 @@ def test_building_the_checkpoint_leaves_the_callers_random_numbers_alone(tmp_pat
     state = torch.get_rng_state()
     build_tiny_checkpoint(tmp_path / "fresh")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_image_token_rows_follow_the_vq_codebook(tiny_grouped):
+    """The base's image-token rows of embed_tokens and lm_head are the codebook through a linear map: codes
+    close in the codebook are close in the model, while the text rows keep their random init."""
+    import numpy as np
+
+    from chameleon_ft.model.assets import CheckpointAssets
+    from chameleon_ft.model.checkpoint import load_model
+
+    assets = CheckpointAssets.open(tiny_grouped)
+    model = load_model(tiny_grouped)
+    codebook = assets.vqgan("cpu").quantize.embedding.weight.detach().double()
+    ids = assets.tokens.image_token_ids
+    codes = assets.tokens.ids_to_codes(ids)
+    centred = (codebook - codebook.mean(0))[codes]
+    for weight in (model.get_input_embeddings().weight, model.lm_head.weight):
+        rows = weight.detach().double()[ids]
+        # Exactly linear in the codebook vectors: least squares from 32 dims reproduces all 256-dim rows.
+        fit = torch.linalg.lstsq(centred, rows).solution
+        assert torch.allclose(centred @ fit, rows, atol=1e-5 * rows.abs().max())
+        text = weight.detach().double()[: int(ids.min())]
+        assert abs(rows.std().item() - text.std().item()) < 0.1 * text.std().item()  # scaled like the rest
+        d_code = torch.cdist(centred, centred).flatten().numpy()
+        d_row = torch.cdist(rows, rows).flatten().numpy()
+        assert np.corrcoef(d_code, d_row)[0, 1] > 0.8
+        # The text rows are not codebook-shaped: a 32-dim linear fit leaves most of them unexplained.
+        probe = text[: len(ids)]
+        resid = probe - centred[: len(probe)] @ torch.linalg.lstsq(centred[: len(probe)], probe).solution
+        assert resid.norm() > 0.5 * probe.norm()

@@ -56,7 +56,7 @@ def test_cli_resume_of_another_recipe_is_refused_and_an_allowed_change_continues
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: resume=auto: {copy / 'checkpoints' / 'step-00000002.ckpt'} was written by a "
                            "different run; these keys differ (checkpoint -> now): "), last
-    for change in ('task: "vqa" -> "captioning"', 'data.task: "vqa" -> "captioning"', "optim.lr: 0.0002 -> 0.001",
+    for change in ('task: "vqa" -> "captioning"', 'data.task: "vqa" -> "captioning"', "optim.lr: 0.0002 -> 0.002",
                    "optim.warmup_steps: 10 -> 20", 'peft.target_modules: "attention" -> "all_linear"'):
         assert change in last, change
     assert "trainer.max_steps" not in last  # not a key that defines the run
