@@ -56,8 +56,8 @@ class ImageScoring:
         scorers = build_image_scorers(names, ScorerOptions(image_size=size, clip_model=clip_model, device=str(device)))
         decoder = ImageTokenizer(assets.vqgan(device), image_size=size)
         return cls(scorers, assets.tokens, decoder, assets.image_layout(str(data_cfg.image_layout)), size,
-                   float(eval_cfg.cfg_scale), int(seed), int(eval_cfg.get("image_top_k", 2000)),
-                   float(eval_cfg.get("image_temperature", 1.0)))
+                   float(eval_cfg.cfg_scale), int(seed), int(eval_cfg.image_top_k),
+                   float(eval_cfg.image_temperature))
 
     def draw(self, model, prompts: Sequence[Sequence[int]], batch_size: int) -> list[Image.Image]:
         """One image per prompt, generated in batches of ``batch_size`` (batch ``k`` seeded ``seed + k``)."""
