@@ -34,5 +34,10 @@ def resolve_experiment(cfg: DictConfig) -> DictConfig:
         cfg.monitor_mode = "min" if cfg.monitor.endswith(("loss", "ppl", "perplexity")) else "max"
     if cfg.monitor_mode not in ("max", "min"):
         raise ConfigError(f"monitor_mode={cfg.monitor_mode!r}: choose max or min")
+    # Validation draws happen only at the first validation: a bad value must fail before any step.
+    if cfg.eval.image_top_k < 1:
+        raise ConfigError(f"eval.image_top_k={cfg.eval.image_top_k}: must be >= 1 (2000 keeps every code)")
+    if cfg.eval.image_temperature <= 0:
+        raise ConfigError(f"eval.image_temperature={cfg.eval.image_temperature}: must be > 0")
     check_data_config(cfg.data)
     return cfg

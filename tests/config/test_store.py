@@ -24,6 +24,14 @@ def test_monitor_follows_the_task_unless_set():
         compose(["recipe=vqa", "monitor_mode=up"])
 
 
+def test_bad_validation_sampling_fails_at_compose_time():
+    assert compose(["recipe=text_to_image", "eval.image_top_k=16"]).eval.image_top_k == 16
+    with pytest.raises(ConfigError, match=r"eval.image_top_k=0: must be >= 1"):
+        compose(["recipe=text_to_image", "eval.image_top_k=0"])
+    with pytest.raises(ConfigError, match=r"eval.image_temperature=0.0: must be > 0"):
+        compose(["recipe=text_to_image", "eval.image_temperature=0"])
+
+
 def test_task_and_data_mismatch_fails_at_compose_time():
     with pytest.raises(DataConfigError, match=r"task=vqa but data.format=coco_captions only makes \['captioning'\]"):
         compose(["recipe=vqa", "data=coco_captions", "data.path=/d/captions.json"])
