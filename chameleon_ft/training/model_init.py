@@ -125,7 +125,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     during backward, inside the layer, so FSDP2's per-layer hooks gather its parameters for the
     recomputation too. Parameter names are unchanged (no wrapper module).
     """
-    base_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = base_model(model)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.23 has only the old name (deprecated from 5.23 on)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def prepare_for_training(model: ChameleonFTForCausalLM, model_cfg, peft_cfg, *, device: torch.device,

@@ -10,6 +10,7 @@ from torch import nn
 
 from benchmarks import gpu_training
 from benchmarks.flops import count_flops, matmul_params, training_flops_per_token
+from chameleon_ft.training.model_init import enable_activation_checkpointing
 
 TINY_SHAPE = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 4, "vocab": 512,
               "num_codes": 16, "groups": 1}
@@ -41,7 +42,7 @@ def test_formula_equals_flop_counter_for_full_fine_tuning(kv_heads, recompute):
     torch.manual_seed(0)
     model = ChameleonFTForCausalLM(config).train()
     if recompute:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     batch, seq = 2, 48
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     executed, _ = count_flops(lambda: model(input_ids=ids, labels=ids).loss.backward())
@@ -60,7 +61,7 @@ def test_recomputation_without_dropout_stops_before_down_proj():
     config._attn_implementation = "eager"
     config.mask_image_logits, config.dropout = False, 0.0
     model = ChameleonFTForCausalLM(config).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     ids = torch.randint(0, config.vocab_size, (1, 32))
     executed, _ = count_flops(lambda: model(input_ids=ids, labels=ids).loss.backward())
     n_head = matmul_params(config)["lm_head"]
