@@ -4,9 +4,7 @@ import torch
 
 from benchmarks import gpu_training
 from chameleon_ft.training.model_init import enable_activation_checkpointing
-
-TINY_SHAPE = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 4, "vocab": 512,
-              "num_codes": 16, "groups": 1}
+from tests.benchmarks.test_gpu_training import TINY_SHAPE
 
 
 def _loss_grads_and_mlp_calls(checkpointing: bool):
